@@ -1,0 +1,3 @@
+from .executor import ReferenceExecutor
+
+__all__ = ["ReferenceExecutor"]

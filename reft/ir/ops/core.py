@@ -1,0 +1,69 @@
+"""Sources (graph inputs, weights) and elementwise ops."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..types import DTYPES, TensorType, np_dtype
+from .registry import ELEMENTWISE, SOURCE, broadcast_shapes, check, f32, is_float, op
+
+# -- sources: their output type is declared on the node; the executor supplies the data.
+op("input", infer=None, ref=None, arity=0, traits={SOURCE}, attrs=("name",),
+   doc="A runtime-fed graph input, named by `name`.")
+op("param", infer=None, ref=None, arity=0, traits={SOURCE}, attrs=("name",),
+   doc="A weight, named by `name` as in the checkpoint (or as a weight transform named it).")
+
+
+# -- binary elementwise (numpy broadcasting, float32 compute, result in the first input's dtype)
+def _binary_infer(name):
+    def infer(ts, a):
+        x, y = ts
+        check(is_float(x) and is_float(y), f"{name}: float inputs required, got {x.dtype}, {y.dtype}")
+        return [TensorType(broadcast_shapes(name, x.shape, y.shape), x.dtype)]
+    return infer
+
+
+def _binary_ref(fn):
+    def ref(xs, a):
+        x, y = xs
+        return [fn(f32(x), f32(y)).astype(x.dtype)]
+    return ref
+
+
+op("add", infer=_binary_infer("add"), ref=_binary_ref(np.add), arity=2, traits={ELEMENTWISE},
+   doc="x + y")
+op("mul", infer=_binary_infer("mul"), ref=_binary_ref(np.multiply), arity=2, traits={ELEMENTWISE},
+   doc="x * y")
+
+
+# -- unary elementwise
+def _unary_infer(name):
+    def infer(ts, a):
+        check(is_float(ts[0]), f"{name}: float input required, got {ts[0].dtype}")
+        return [ts[0]]
+    return infer
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+op("silu", infer=_unary_infer("silu"), ref=lambda xs, a: [_silu(f32(xs[0])).astype(xs[0].dtype)],
+   arity=1, traits={ELEMENTWISE}, doc="x * sigmoid(x)")
+op("gelu_tanh", infer=_unary_infer("gelu_tanh"),
+   ref=lambda xs, a: [_gelu_tanh(f32(xs[0])).astype(xs[0].dtype)],
+   arity=1, traits={ELEMENTWISE}, doc="GELU, tanh approximation (HF 'gelu_pytorch_tanh')")
+
+
+def _cast_infer(ts, a):
+    check(a["dtype"] in DTYPES, f"cast: unknown dtype {a['dtype']!r}")
+    return [TensorType(ts[0].shape, a["dtype"])]
+
+
+op("cast", infer=_cast_infer, ref=lambda xs, a: [xs[0].astype(np_dtype(a["dtype"]))],
+   arity=1, traits={ELEMENTWISE}, attrs=("dtype",), doc="Convert to `dtype` (round to nearest).")

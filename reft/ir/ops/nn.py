@@ -1,0 +1,135 @@
+"""Neural-network ops: embedding, linear, RMSNorm, softmax, rotary embedding."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..types import FLOAT_DTYPES, TensorType, np_dtype
+from .registry import CONTRACTION, REDUCTION, check, f32, is_float, op
+
+
+# -- embedding(ids[T], table[V, D]) -> [T, D] in `dtype`
+def _embedding_infer(ts, a):
+    ids, table = ts
+    check(ids.dtype in ("int32", "int64") and ids.rank == 1, f"embedding: ids must be int[T], got {ids}")
+    check(table.rank == 2 and is_float(table), f"embedding: table must be float[V, D], got {table}")
+    check(a["dtype"] in FLOAT_DTYPES, f"embedding: dtype must be a float type, got {a['dtype']}")
+    return [TensorType((ids.shape[0], table.shape[1]), a["dtype"])]
+
+
+def _embedding_ref(xs, a):
+    ids, table = xs
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise IndexError(f"embedding: token id out of range [0, {table.shape[0]})")
+    return [f32(table[ids]).astype(np_dtype(a["dtype"]))]
+
+
+op("embedding", infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dtype",),
+   doc="Gather rows of a [V, D] table; the result is converted to `dtype`.")
+
+
+# -- linear(x[..., K], w[N, K], b[N]?) -> [..., N] in x's dtype (weights stay in checkpoint layout)
+def _linear_infer(ts, a):
+    x, w = ts[0], ts[1]
+    check(is_float(x) and is_float(w), f"linear: float inputs required, got {x.dtype}, {w.dtype}")
+    check(w.rank == 2 and x.rank >= 1, f"linear: weight must be [N, K], got {w}")
+    check(x.shape[-1] == w.shape[1], f"linear: x {x} and weight {w} disagree on K")
+    if len(ts) == 3:
+        check(ts[2].shape == (w.shape[0],) and is_float(ts[2]), f"linear: bias must be [{w.shape[0]}], got {ts[2]}")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+def _linear_ref(xs, a):
+    x, w = xs[0], xs[1]
+    y = f32(x) @ f32(w).T
+    if len(xs) == 3:
+        y = y + f32(xs[2])
+    return [y.astype(x.dtype)]
+
+
+op("linear", infer=_linear_infer, ref=_linear_ref, arity=(2, 3), traits={CONTRACTION},
+   doc="x @ w.T (+ b); w is [out, in] as Hugging Face stores it.")
+
+
+# -- rms_norm(x[..., D], w[D]) over the last axis
+def _rms_norm_infer(ts, a):
+    x, w = ts
+    check(is_float(x) and is_float(w), "rms_norm: float inputs required")
+    check(w.shape == (x.shape[-1],), f"rms_norm: weight {w} does not match x {x}")
+    return [x]
+
+
+def _rms_norm_ref(xs, a):
+    x, w = f32(xs[0]), f32(xs[1])
+    inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(a["eps"]))
+    return [(x * inv.astype(np.float32) * w).astype(xs[0].dtype)]
+
+
+op("rms_norm", infer=_rms_norm_infer, ref=_rms_norm_ref, arity=2, traits={REDUCTION}, attrs=("eps",),
+   doc="x / sqrt(mean(x^2) + eps) * w over the last axis.")
+
+
+# -- softmax over the last axis
+def _softmax_ref(xs, a):
+    x = f32(xs[0])
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return [(e / e.sum(axis=-1, keepdims=True)).astype(xs[0].dtype)]
+
+
+op("softmax", infer=lambda ts, a: (check(is_float(ts[0]), "softmax: float input required"), [ts[0]])[1],
+   ref=_softmax_ref, arity=1, traits={REDUCTION}, doc="Softmax over the last axis.")
+
+
+# -- rope(x[T, H, D], positions[T]) rotary embedding, "rotate half" layout (Hugging Face)
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(a: dict) -> np.ndarray:
+    """Inverse frequencies for the rotary dims, after rope scaling. Shape [rotary_dim // 2]."""
+    dim = a["rotary_dim"]
+    inv = 1.0 / (a["theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    kind = a["scaling"]
+    if kind == "linear":
+        inv = inv / a["factor"]
+    elif kind == "llama3":
+        factor, lo, hi, old = a["factor"], a["low_freq_factor"], a["high_freq_factor"], a["original_max_position"]
+        lo_wavelen, hi_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        mid = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+        inv = np.where(mid, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def _rope_infer(ts, a):
+    x, pos = ts
+    check(is_float(x) and x.rank == 3, f"rope: x must be float[T, H, D], got {x}")
+    check(pos.dtype in ("int32", "int64") and pos.shape == (x.shape[0],), f"rope: positions must be int[{x.shape[0]}], got {pos}")
+    check(a["scaling"] in ROPE_TYPES, f"rope: scaling must be one of {ROPE_TYPES}, got {a['scaling']!r}")
+    d = x.shape[2]
+    check(isinstance(d, int) and a["rotary_dim"] % 2 == 0 and 0 < a["rotary_dim"] <= d,
+          f"rope: rotary_dim {a['rotary_dim']} does not fit head dim {d}")
+    return [x]
+
+
+def _rope_ref(xs, a):
+    x, pos = f32(xs[0]), xs[1]
+    r = a["rotary_dim"]
+    freqs = pos.astype(np.float32)[:, None] * rope_inv_freq(a)[None, :]      # (T, r/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, r)
+    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]                # (T, 1, r)
+    xr = x[..., :r]
+    rot = np.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], axis=-1)
+    out = x.copy()
+    out[..., :r] = xr * cos + rot * sin
+    return [out.astype(xs[0].dtype)]
+
+
+op("rope", infer=_rope_infer, ref=_rope_ref, arity=2,
+   attrs=("theta", "rotary_dim"),
+   defaults={"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position": 8192},
+   doc="Rotary position embedding on the first rotary_dim dims of each head (rotate-half layout).")
