@@ -1,0 +1,145 @@
+"""Llama family decoder (LlamaForCausalLM), the base the other shipped families reuse.
+
+Notable:
+- One forward graph for every batch shape: `input_ids[T]`, `positions[T]`, `seq_ids[T]`
+  (sequence of each token) and `logit_rows[R]` (rows whose logits are wanted). Attention is
+  written as `causal_attention` over the batch; the paged-KV pass rewrites it to read and
+  write KV-cache pages, so the same definition serves training, prefill and decode.
+- Parameter names are the Hugging Face checkpoint names, verbatim. Fusing q/k/v and
+  gate/up is a compile-time pass, not something the model writes.
+- Tied embeddings reuse `model.embed_tokens.weight` as the LM head.
+- Options the relatives need are config fields: q/k/v(/o) bias (Qwen2), per-head q/k
+  RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2/3 `layer_types`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: tuple                          # (("theta", ..), ("scaling", ..), ...) attrs of the rope op
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple = ()          # per layer: 0 = full attention
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "Config":
+        """From a normalised config.json (see reft.frontends.config)."""
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        act = hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        bias = bool(hf.get("attention_bias", False))
+        kw = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=rope_attrs(hf, head_dim), hidden_act=ACTIVATIONS[act],
+            qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_windows=sliding_windows(hf),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def rope_attrs(hf: dict, head_dim: int) -> tuple:
+    s = hf.get("rope_scaling") or {"rope_type": "default"}
+    kind = s.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    a = {"theta": float(hf.get("rope_theta", 10000.0)),
+         "rotary_dim": int(head_dim * hf.get("partial_rotary_factor", 1.0)), "scaling": kind}
+    if kind in ("linear", "llama3"):
+        a["factor"] = float(s["factor"])
+    if kind == "llama3":
+        a["low_freq_factor"] = float(s["low_freq_factor"])
+        a["high_freq_factor"] = float(s["high_freq_factor"])
+        a["original_max_position"] = int(s["original_max_position_embeddings"])
+    return tuple(sorted(a.items()))
+
+
+def sliding_windows(hf: dict) -> tuple:
+    """Per-layer window from `layer_types` (transformers >= 4.5x) or a model-wide `sliding_window`."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window") or 0
+    types = hf.get("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    return (0,) * n
+
+
+def linear(b, x, prefix: str, n_in: int, n_out: int, bias: bool):
+    """x @ W.T (+ b) with W = `{prefix}.weight` [n_out, n_in]."""
+    w = b.param(f"{prefix}.weight", (n_out, n_in))
+    if bias:
+        return b.linear(x, w, b.param(f"{prefix}.bias", (n_out,)))
+    return b.linear(x, w)
+
+
+def attention(b, cfg: Config, x, pos, sid, p: str, window: int):
+    D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = linear(b, x, p + "q_proj", D, H * Dh, cfg.qkv_bias)                 # (T, H*Dh)
+    k = linear(b, x, p + "k_proj", D, Hkv * Dh, cfg.qkv_bias)               # (T, Hkv*Dh)
+    v = linear(b, x, p + "v_proj", D, Hkv * Dh, cfg.qkv_bias)
+    q = b.reshape(q, shape=("T", H, Dh))                                     # (T, H, Dh)
+    k = b.reshape(k, shape=("T", Hkv, Dh))
+    v = b.reshape(v, shape=("T", Hkv, Dh))
+    if cfg.qk_norm:
+        q = b.rms_norm(q, b.param(p + "q_norm.weight", (Dh,)), eps=cfg.rms_norm_eps)
+        k = b.rms_norm(k, b.param(p + "k_norm.weight", (Dh,)), eps=cfg.rms_norm_eps)
+    rope = dict(cfg.rope)
+    q, k = b.rope(q, pos, **rope), b.rope(k, pos, **rope)
+    o = b.causal_attention(q, k, v, pos, sid, scale=Dh ** -0.5, sliding_window=window)
+    o = b.reshape(o, shape=("T", H * Dh))                                    # (T, H*Dh)
+    return linear(b, o, p + "o_proj", H * Dh, D, cfg.o_bias)
+
+
+def mlp(b, cfg: Config, x, p: str):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    g = linear(b, x, p + "gate_proj", D, F, cfg.mlp_bias)                   # (T, F)
+    u = linear(b, x, p + "up_proj", D, F, cfg.mlp_bias)
+    act = b.silu(g) if cfg.hidden_act == "silu" else b.gelu_tanh(g)
+    return linear(b, b.mul(act, u), p + "down_proj", F, D, cfg.mlp_bias)    # (T, D)
+
+
+def build(cfg: Config, b) -> None:
+    """The forward entry: logits[R, V] for rows `logit_rows` of the flattened batch."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    ids = b.input("input_ids", ("T",), "int32")
+    pos = b.input("positions", ("T",), "int32")
+    sid = b.input("seq_ids", ("T",), "int32")
+    rows = b.input("logit_rows", ("R",), "int32")
+    embed = b.param("model.embed_tokens.weight", (V, D))
+    x = b.embedding(ids, embed, dtype="float32")                              # (T, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = b.rms_norm(x, b.param(p + "input_layernorm.weight", (D,)), eps=cfg.rms_norm_eps)
+        x = b.add(x, attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]))
+        h = b.rms_norm(x, b.param(p + "post_attention_layernorm.weight", (D,)), eps=cfg.rms_norm_eps)
+        x = b.add(x, mlp(b, cfg, h, p + "mlp."))
+    x = b.take_rows(x, rows)                                                  # (R, D)
+    x = b.rms_norm(x, b.param("model.norm.weight", (D,)), eps=cfg.rms_norm_eps)
+    head = embed if cfg.tie_word_embeddings else b.param("lm_head.weight", (V, D))
+    b.output("logits", b.linear(x, head))                                     # (R, V)

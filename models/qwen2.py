@@ -1,0 +1,18 @@
+"""Qwen2 (Qwen2ForCausalLM): the Llama decoder with biases on the q/k/v projections.
+
+Notable: q/k/v carry a bias, o_proj does not; sliding-window layers come from `layer_types`
+(only when `use_sliding_window` is on).
+"""
+from __future__ import annotations
+
+from .llama import Config as LlamaConfig
+from .llama import build, sliding_windows  # noqa: F401  (same graph as Llama)
+
+ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+class Config(LlamaConfig):
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "Config":
+        windows = sliding_windows(hf) if hf.get("use_sliding_window") else (0,) * hf["num_hidden_layers"]
+        return super().from_hf(hf, qkv_bias=True, o_bias=False, sliding_windows=windows, **overrides)

@@ -1,0 +1,175 @@
+"""reft: the runtime CLI (generate, chat, perplexity)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import friendly_errors, show_progress
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reft")
+def main():
+    """reft — run compiled plans (make one with `reftc compile`).
+
+    \b
+    Examples:
+      reft run plan/ --prompt "Once upon a time" --temperature 0
+      reft run plan/ --chat
+      reft perplexity plan/ -f text.txt
+    """
+
+
+def _sampling(plan, temperature, top_p, top_k, min_p, seed):
+    from ..frontends.config import load_generation_config
+    from ..runtime.sampler import SamplingParams
+
+    gen = load_generation_config(plan.path / "tokenizer")
+    pick = lambda given, key, default: given if given is not None else gen.get(key, default)  # noqa: E731
+    return SamplingParams(temperature=float(pick(temperature, "temperature", 0.8)),
+                          top_p=float(pick(top_p, "top_p", 0.95)), top_k=int(pick(top_k, "top_k", 40)),
+                          min_p=float(min_p), seed=seed)
+
+
+def _stream(engine, prompt_ids, max_tokens, sampling, stops, out) -> int:
+    """Generate and write text to `out` as it is produced; returns the number of tokens."""
+    from ..frontends.tokenizer import IncrementalDecoder
+    from ..runtime.generate import GenerationRequest, generate
+    from ..runtime.stop import StopStrings
+
+    tok = engine.tokenizer
+    dec = IncrementalDecoder(tok, prompt_ids)
+    stop = StopStrings(stops)
+    req = GenerationRequest(prompt_ids, max_tokens, sampling, tuple(tok.eos_token_ids))
+    n = 0
+    for t in generate(engine, req):
+        n += 1
+        out.write(stop.push(dec.push(t)))
+        out.flush()
+        if stop.stopped:
+            break
+    if not stop.stopped:
+        out.write(stop.push(dec.flush()) + stop.flush())
+    out.flush()
+    return n
+
+
+SAMPLING_OPTIONS = [
+    click.option("--max-tokens", "-n", default=256, show_default=True, type=click.IntRange(1),
+                 help="Most tokens to generate."),
+    click.option("--temperature", type=click.FloatRange(0), default=None,
+                 help="Sampling temperature; 0 = greedy. [default: generation_config.json, else 0.8]"),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help="Nucleus sampling mass. [default: generation_config.json, else 0.95]"),
+    click.option("--top-k", type=click.IntRange(0), default=None,
+                 help="Sample among the k most likely tokens; 0 = off. [default: generation_config.json, else 40]"),
+    click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                 help="Drop tokens below min_p x the top token's probability."),
+    click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+    click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
+]
+
+
+def sampling_options(fn):
+    for opt in reversed(SAMPLING_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", default=None, help="Text to continue; the continuation streams to stdout.")
+@click.option("--chat", is_flag=True, help="Interactive chat using the model's chat template (Ctrl-D to quit).")
+@click.option("--system", default=None, help="System message for --chat.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Jinja chat template file to use instead of the model's own.")
+@sampling_options
+@friendly_errors
+def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop):
+    """Generate text with PLAN: continue --prompt, or chat with --chat."""
+    from ..errors import ReftError
+    from ..runtime.engine import Engine
+
+    if (prompt is None) == (not chat):
+        raise ReftError("give exactly one of --prompt TEXT or --chat")
+    engine = Engine.load(plan)
+    sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
+    tok = engine.tokenizer
+    if prompt is not None:
+        ids = tok.encode(prompt)
+        sys.stdout.write(prompt)
+        _stream(engine, ids, max_tokens, sampling, stop, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    template = chat_template.read_text() if chat_template else None
+    messages = [{"role": "system", "content": system}] if system else []
+    tok.render_chat(messages or [{"role": "user", "content": "hi"}], template=template)  # fails early if none
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True, template=template),
+                         add_special_tokens=False)
+        reply = _Capture(sys.stdout)
+        _stream(engine, ids, max_tokens, sampling, stop, reply)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": reply.text.strip()})
+
+
+class _Capture:
+    """Writes through to a stream and keeps the text."""
+
+    def __init__(self, out):
+        self.out, self.text = out, ""
+
+    def write(self, s):
+        self.text += s
+        self.out.write(s)
+
+    def flush(self):
+        self.out.flush()
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(path_type=Path),
+              help="UTF-8 text file to score.")
+@click.option("--ctx", type=click.IntRange(2), default=None,
+              help="Window size in tokens. [default: the model's context length]")
+@friendly_errors
+def perplexity(plan, text_file, ctx):
+    """Perplexity of PLAN's model over a text file.
+
+    The file is tokenized once (with BOS if the tokenizer adds one) and cut into consecutive
+    windows of --ctx tokens, each evaluated independently on a fresh KV cache. In each window
+    every token except the first is scored, predicted from the tokens before it in that window.
+    Prints the perplexity exp(mean negative log-likelihood) and the number of scored tokens.
+    """
+    from ..errors import ReftError
+    from ..progress import progress_bar
+    from ..runtime.engine import Engine
+    from ..runtime.perplexity import perplexity as run_ppl
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReftError(f"{text_file}: cannot read text ({e.__class__.__name__}: {e})") from None
+    engine = Engine.load(plan)
+    ids = engine.tokenizer.encode(text)
+    with progress_bar(len(ids), "perplexity", enabled=show_progress(), unit="tok") as bar:
+        r = run_ppl(engine, ids, ctx, progress=bar.update)
+    click.echo(f"perplexity {r.ppl:.4f}  (mean NLL {r.mean_nll:.6f} over {r.tokens_scored} tokens,"
+               f" {r.windows} window{'s' if r.windows != 1 else ''})")
+
+
+if __name__ == "__main__":
+    main()

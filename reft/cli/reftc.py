@@ -1,0 +1,100 @@
+"""reftc: the compiler CLI (compile a model into a plan; inspect a plan)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import friendly_errors, show_progress
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reft")
+def main():
+    """reftc — compile language models into runnable plans.
+
+    \b
+    Quick start:
+      reftc compile path/to/hf-model -o plan/     # config.json + *.safetensors + tokenizer.json
+      reftc inspect plan/                          # what the compiler did
+      reft run plan/ --prompt "Once upon a time"   # generate text
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Plan directory to write (replaced atomically if it already holds a plan).")
+@click.option("--backend", default="reference", show_default=True, type=click.Choice(["reference"]),
+              help="Code generator: 'reference' runs the IR with numpy (the oracle of every other backend).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Storage dtype of weight matrices (compute is float32).")
+@click.option("--dump", "dump_dir", type=click.Path(path_type=Path), default=None,
+              help="Write the IR after every pass (NNN_<pass>.ir) and a .dot drawing of the final graph here.")
+@click.option("--model-def", type=click.Path(path_type=Path), default=None,
+              help="A model-definition .py file for an architecture reft does not ship (docs/adding-a-model.md).")
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Tokens per KV-cache page.")
+@friendly_errors
+def compile(model, out, backend, dtype, dump_dir, model_def, page_size):
+    """Compile MODEL (a Hugging Face model folder) into a plan directory."""
+    from ..compiler import compile_model
+
+    compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
+                  page_size=page_size, progress=show_progress())
+    click.echo(f"wrote plan {out}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead.")
+@friendly_errors
+def inspect(plan, as_json):
+    """Show what the compiler did: model, entry points, passes, ops, weights."""
+    from ..plan import read_manifest
+
+    m = read_manifest(plan)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    model, kv = m["model"], m.get("kv_cache") or {}
+    cfg = model.get("config", {})
+    click.echo(f"plan        {plan}  (format v{m['format_version']}, reft {m.get('reft_version')})")
+    click.echo(f"model       {model['architecture']} (family {model['family']}), {model['params']:,} params")
+    click.echo(f"shape       {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, heads"
+               f" {cfg.get('num_attention_heads')}/{cfg.get('num_key_value_heads')} kv, head_dim"
+               f" {cfg.get('head_dim')}, vocab {m.get('vocab_size')}, context {m.get('context_length')}")
+    click.echo(f"backend     {m['backend']['name']} ({m['backend']['target']})")
+    click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")
+    click.echo(f"weights     {m['weights']['tensors']} tensors, {_human(m['weights']['bytes'])}")
+    if kv:
+        click.echo(f"kv cache    {kv['num_layers']} layers x {kv['kv_heads']} heads x {kv['head_dim']} dims,"
+                   f" {kv['dtype']}, pages of {kv['page_size']} tokens")
+    click.echo("entry points")
+    for name, e in m["entry_points"].items():
+        sig = ", ".join(f"{k}: {v['dtype']}[{','.join(map(str, v['shape']))}]" for k, v in e["inputs"].items()
+                        if not k.startswith("kv_cache."))
+        outs = ", ".join(f"{k}: {v['dtype']}[{','.join(map(str, v['shape']))}]" for k, v in e["outputs"].items())
+        click.echo(f"  {name}({sig}, kv_cache.*) -> {outs}")
+    click.echo("pass pipeline")
+    for i, r in enumerate(m["passes"], 1):
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(r["counts"].items())) or "-"
+        click.echo(f"  {i:2d}. {r['name']:<34} {r['nodes_before']:>5} -> {r['nodes_after']:<5} nodes"
+                   f"  {r['seconds'] * 1000:7.1f} ms  {counts}")
+    click.echo(f"kernels     {len(m.get('kernels', []))}" +
+               ("  (the reference backend interprets the IR; no generated kernels)" if not m.get("kernels") else ""))
+    click.echo("ops         " + ", ".join(f"{k} {v}" for k, v in m.get("ops", {}).items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`reftc compile`: model folder -> IR -> passes -> plan directory.
+
+Steps: read config.json and pick the family (registry keyed on `architectures`), build the
+forward graph with the family's definition, bind its params to the checkpoint (names and
+shapes must agree), run the pass pipeline, then write the plan into a temporary directory
+that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .errors import ModelError, ReftError
+from .frontends.architectures import find_family
+from .frontends.config import load_hf_config
+from .frontends.safetensors import open_weights, write_safetensors
+from .frontends.tokenizer import Tokenizer
+from .ir import Graph, GraphBuilder, print_graph
+from .ir.types import FLOAT_DTYPES, TensorType
+from .passes.context import PassContext, WeightStore
+from .passes.manager import PassManager
+from .passes.pipeline import PIPELINE
+from .plan import atomic_dir, write_manifest
+from .progress import progress_bar
+
+BACKENDS = ("reference",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_graph(family, cfg) -> Graph:
+    b = GraphBuilder("forward")
+    family.build(cfg, b)
+    return b.graph
+
+
+def bind_weights(graph: Graph, weights, where: str) -> int:
+    """Every param must exist in the checkpoint with the shape the config implies.
+    Param dtypes become the stored dtypes. Returns the parameter count."""
+    total = 0
+    for n in graph.params():
+        if n.name not in weights:
+            raise ModelError(f"{where}: weight {n.name!r} is missing from the checkpoint")
+        dtype, shape = weights.info(n.name)
+        if tuple(shape) != n.out.shape:
+            raise ModelError(f"{where}: weight {n.name} has shape {list(shape)} but config.json implies"
+                             f" {list(n.out.shape)}")
+        if dtype not in FLOAT_DTYPES:
+            raise ModelError(f"{where}: weight {n.name} has dtype {dtype}; float weights expected")
+        n.out.type = TensorType(tuple(shape), dtype)
+        total += n.out.type.numel()
+    return total
+
+
+def signature(graph: Graph) -> dict:
+    spec = lambda v: {"dtype": v.dtype, "shape": list(v.shape)}  # noqa: E731
+    return {"inputs": {n.name: spec(n.out) for n in graph.inputs()},
+            "outputs": {k: spec(v) for k, v in graph.outputs.items()}}
+
+
+def kv_layout(graph: Graph, page_size: int) -> dict | None:
+    caches = [n for n in graph.inputs() if n.name.startswith("kv_cache.")]
+    if not caches:
+        return None
+    t = caches[0].out.type
+    return {"page_size": page_size, "num_layers": len(caches) // 2, "kv_heads": t.shape[2],
+            "head_dim": t.shape[3], "dtype": t.dtype, "inputs": [n.name for n in caches]}
+
+
+def compile_model(model: str | Path, out: str | Path, *, backend: str = "reference", dtype: str = "float32",
+                  dump_dir: str | Path | None = None, model_def: str | Path | None = None,
+                  page_size: int = 16, progress: bool = True) -> Path:
+    model = Path(model)
+    if backend not in BACKENDS:
+        raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ReftError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not model.exists():
+        raise ModelError(f"{model}: no such model directory")
+    if model.is_file():
+        raise ModelError(f"{model}: expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    hf = load_hf_config(model)
+    family = find_family(hf.get("architectures"), model_def)
+    try:
+        cfg = family.Config.from_hf(hf)
+    except KeyError as e:
+        raise ModelError(f"{model / 'config.json'}: missing key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{model / 'config.json'}: {e}") from None
+    graph = build_graph(family, cfg)
+    weights = open_weights(model)
+    n_params = bind_weights(graph, weights, str(model))
+    tokenizer = Tokenizer.from_dir(model, hf)
+
+    ctx = PassContext(WeightStore(weights), options={"weight_dtype": dtype, "page_size": page_size})
+    with atomic_dir(out) as tmp:
+        dumps = tmp / "dumps" if dump_dir else None
+        pm = PassManager(PIPELINE, dump_dir=dumps)
+        graph = pm.run(graph, ctx)
+        (tmp / "graphs").mkdir()
+        (tmp / "graphs" / "forward.ir").write_text(print_graph(graph))
+        (tmp / "kernels").mkdir()
+        (tmp / "weights").mkdir()
+        weight_bytes = _write_weights(graph, ctx.weights, tmp / "weights" / "model.safetensors", progress)
+        tokenizer.save_to(tmp / "tokenizer")
+        write_manifest(tmp, {
+            "reft_version": __version__,
+            "model": {"architecture": next(a for a in family.ARCHITECTURES), "family": family.__name__.split(".")[-1],
+                      "config": dataclasses.asdict(cfg), "params": n_params, "source": str(model.resolve())},
+            "context_length": getattr(cfg, "max_position_embeddings", None),
+            "vocab_size": getattr(cfg, "vocab_size", None),
+            "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
+            "quantization": None,
+            "backend": {"name": backend, "target": "numpy"},
+            "entry_points": {"forward": {"graph": "graphs/forward.ir", **signature(graph)}},
+            "kv_cache": kv_layout(graph, page_size),
+            "passes": [dataclasses.asdict(r) for r in pm.records],
+            "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes,
+                        "tensors": len(graph.params())},
+            "kernels": [],
+            "ops": graph.op_counts(),
+        })
+        if dump_dir:
+            shutil.copytree(dumps, dump_dir, dirs_exist_ok=True)
+    return Path(out)
+
+
+def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool) -> int:
+    params = graph.params()
+    total = sum(n.out.type.nbytes() for n in params)
+    items = [(n.name, n.out.dtype, n.out.shape, lambda name=n.name: store[name]) for n in params]
+    with progress_bar(total, "weights", enabled=progress) as bar:
+        write_safetensors(path, items, metadata={"format": "reft"}, progress=lambda name, nb: bar.update(nb))
+    return total

@@ -1,0 +1,47 @@
+"""Rewrite `causal_attention` over the batch into KV-cache page reads and writes.
+
+Each attention layer i gets two graph inputs, `kv_cache.{i}.k` / `kv_cache.{i}.v` of shape
+[NP, page_size, Hkv, D] (NP pages in the pool, owned by the runtime), and all layers share
+the input `page_table[S, MP]` (page ids of each sequence). Per layer:
+
+    causal_attention(q, k, v, pos, sid)
+ -> kc', vc' = kv_cache_write(kc, vc, k, v, pos, sid, page_table)
+    paged_attention(q, kc', vc', pos, sid, page_table)
+"""
+from __future__ import annotations
+
+from ..ir import Graph, Node, ops
+from ..ir.types import TensorType
+from .context import PassContext
+
+
+def _input(name: str, t: TensorType) -> Node:
+    return Node("input", [], {"name": name}, [t])
+
+
+def _node(op: str, args, **attrs) -> Node:
+    return Node(op, args, attrs, ops.infer_types(op, [a.type for a in args], attrs))
+
+
+def lower_paged_attention(graph: Graph, ctx: PassContext) -> Graph:
+    page_size = int(ctx.options.get("page_size", 16))
+    kv_dtype = ctx.options.get("kv_dtype", "float32")
+    attn = [n for n in graph.nodes if n.op == "causal_attention"]
+    if not attn:
+        return graph
+    new_inputs = [_input("page_table", TensorType(("S", "MP"), "int32"))]
+    table = new_inputs[0].out
+    for i, n in enumerate(attn):
+        q, k, v, pos, sid = n.inputs
+        cache_t = TensorType(("NP", page_size) + k.shape[1:], kv_dtype)
+        kc, vc = _input(f"kv_cache.{i}.k", cache_t), _input(f"kv_cache.{i}.v", cache_t)
+        new_inputs += [kc, vc]
+        write = _node("kv_cache_write", [kc.out, vc.out, k, v, pos, sid, table])
+        read = _node("paged_attention", [q, *write.outputs, pos, sid, table], **n.attrs)
+        at = graph.nodes.index(n)
+        graph.nodes[at:at + 1] = [write, read]
+        graph.replace_uses(n.out, read.out)
+        ctx.count("paged_layers")
+    last_input = max(i for i, n in enumerate(graph.nodes) if n.op == "input")
+    graph.nodes[last_input + 1:last_input + 1] = new_inputs
+    return graph

@@ -1,0 +1,54 @@
+"""Loading a plan directory: manifest, final graphs, weights (memory-mapped), tokenizer."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import ModelError, PlanError
+from ..ir import Graph, ParseError, parse_graph
+from ..plan import read_manifest
+
+
+class Plan:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._graphs: dict[str, Graph] = {}
+
+    def graph(self, entry: str = "forward") -> Graph:
+        if entry not in self._graphs:
+            spec = self.manifest["entry_points"].get(entry)
+            if spec is None:
+                raise PlanError(f"{self.path}: no entry point {entry!r}")
+            f = self.path / spec["graph"]
+            try:
+                self._graphs[entry] = parse_graph(f.read_text())
+            except (OSError, ParseError) as e:
+                raise PlanError(f"{f}: cannot read graph ({e})") from None
+        return self._graphs[entry]
+
+    @cached_property
+    def weights(self):
+        from ..frontends.safetensors import open_weights
+
+        try:
+            return open_weights(self.path / "weights")
+        except ModelError as e:
+            raise PlanError(f"plan weights: {e}") from None
+
+    @cached_property
+    def tokenizer(self):
+        from ..frontends.tokenizer import Tokenizer
+
+        try:
+            return Tokenizer.from_dir(self.path / "tokenizer")
+        except ModelError as e:
+            raise PlanError(f"plan tokenizer: {e}") from None
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest.get("context_length") or 2048)
+
+    @property
+    def kv(self) -> dict:
+        return self.manifest["kv_cache"]
