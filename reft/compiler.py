@@ -29,6 +29,21 @@ BACKENDS = ("reference",)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
+def bundled_models() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A path, or the name of a model shipped inside reft (e.g. `stories260K`)."""
+    p = Path(model)
+    if not p.exists() and str(model) in bundled_models():
+        return ASSETS / str(model)
+    return p
+
+
 def build_graph(family, cfg) -> Graph:
     b = GraphBuilder("forward")
     family.build(cfg, b)
@@ -71,13 +86,13 @@ def kv_layout(graph: Graph, page_size: int) -> dict | None:
 def compile_model(model: str | Path, out: str | Path, *, backend: str = "reference", dtype: str = "float32",
                   dump_dir: str | Path | None = None, model_def: str | Path | None = None,
                   page_size: int = 16, progress: bool = True) -> Path:
-    model = Path(model)
+    model = resolve_model(model)
     if backend not in BACKENDS:
         raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ReftError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not model.exists():
-        raise ModelError(f"{model}: no such model directory")
+        raise ModelError(f"{model}: no such model directory (bundled models: {', '.join(bundled_models())})")
     if model.is_file():
         raise ModelError(f"{model}: expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
     hf = load_hf_config(model)

@@ -39,7 +39,11 @@ def main():
               help="Tokens per KV-cache page.")
 @friendly_errors
 def compile(model, out, backend, dtype, dump_dir, model_def, page_size):
-    """Compile MODEL (a Hugging Face model folder) into a plan directory."""
+    """Compile MODEL into a plan directory.
+
+    MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or the
+    name of a model bundled with reft: `stories260K`.
+    """
     from ..compiler import compile_model
 
     compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,

@@ -1,0 +1,79 @@
+"""The CLIs end to end on the bundled model: compile, inspect, run, chat, perplexity, --dump."""
+from __future__ import annotations
+
+import json
+import sys
+
+from test_bad_input import run
+
+from reft.ir import parse_graph, verify
+
+
+def test_help_for_every_command():
+    for args in (["reftc"], ["reftc", "compile"], ["reftc", "inspect"], ["reft"], ["reft", "run"],
+                 ["reft", "perplexity"]):
+        p = run(*args, "--help")
+        assert p.returncode == 0 and "Usage:" in p.stdout, args
+
+
+def test_compile_by_bundled_name_with_dump(tmp_path, stories_reference):
+    out, dump = tmp_path / "plan", tmp_path / "dump"
+    p = run("reftc", "compile", "stories260K", "-o", out, "--dump", dump)
+    assert p.returncode == 0, p.stderr
+    for sub in ("manifest.json", "graphs/forward.ir", "kernels", "weights/model.safetensors",
+                "tokenizer/tokenizer.json", "dumps/final.dot"):
+        assert (out / sub).exists(), sub
+    irs = sorted(x.name for x in dump.glob("*.ir"))
+    assert irs[0] == "000_input.ir" and any("fuse_projections" in x for x in irs)
+    for f in dump.glob("*.ir"):  # every dump parses back into a valid graph
+        verify(parse_graph(f.read_text()))
+    assert (dump / "final.dot").read_text().startswith("digraph")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["model"]["architecture"] == "LlamaForCausalLM"
+    assert m["kv_cache"]["num_layers"] == 5 and m["kv_cache"]["page_size"] == 16
+    assert {"input_ids", "positions", "seq_ids", "logit_rows", "page_table"} <= set(
+        m["entry_points"]["forward"]["inputs"])
+
+
+def test_inspect(stories_plan):
+    p = run("reftc", "inspect", stories_plan)
+    assert p.returncode == 0, p.stderr
+    for needle in ("LlamaForCausalLM", "292,800 params", "fuse_projections", "fused_3=5", "entry points",
+                   "forward(", "kernels", "weights"):
+        assert needle in p.stdout, needle
+
+
+def test_run_prompt_greedy_continues_with_lily(stories_plan, stories_reference):
+    p = run("reft", "run", stories_plan, "--prompt", "Once upon a time", "--temperature", "0", "-n", "64")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "Once upon a time" + stories_reference["greedy_64_text"] + "\n"
+
+
+def test_run_stop_string(stories_plan):
+    p = run("reft", "run", stories_plan, "--prompt", "Once upon a time", "--temperature", "0", "--stop", "Lily")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "Once upon a time, there was a little girl named \n"
+
+
+def test_run_seed_is_reproducible(stories_plan):
+    a = run("reft", "run", stories_plan, "-p", "Once upon a time", "--temperature", "1", "--seed", "7", "-n", "30")
+    b = run("reft", "run", stories_plan, "-p", "Once upon a time", "--temperature", "1", "--seed", "7", "-n", "30")
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_chat_with_template_override(stories_plan, tmp_path):
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    p = run("reft", "run", stories_plan, "--chat", "--chat-template", t, "--temperature", "0", "-n", "8",
+            stdin="Once upon a time\nThe dog\n")
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.strip().splitlines()) == 2
+
+
+def test_perplexity_cli(stories_plan, stories_reference, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(stories_reference["ppl_text"])
+    p = run("reft", "perplexity", stories_plan, "-f", f)
+    assert p.returncode == 0, p.stderr
+    ppl = float(p.stdout.split()[1])
+    assert abs(ppl - stories_reference["ppl"]) / stories_reference["ppl"] < 1e-4

@@ -1,0 +1,93 @@
+"""Tiny random-weight Hugging Face models of every supported family, built inside the tests,
+and what transformers (the independent reference) computes for them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+STORIES_TOKENIZER = Path(__file__).parent.parent / "reft" / "assets" / "stories260K"
+
+BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+
+# name -> (config class, model class, overrides): the parity suite's configurations
+CASES = {
+    # GQA, head_dim != hidden/heads, untied embeddings, llama3 rope scaling
+    "llama-gqa-llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        head_dim=32, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # tied embeddings, MHA, linear rope scaling, biases everywhere, legacy rope_theta/rope_scaling layout
+    "llama-tied-linear-legacy": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    # sliding window shorter than the prompt, GQA
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
+        head_dim=24, sliding_window=12, tie_word_embeddings=False)),
+    # q/k/v bias, tied embeddings, GQA
+    "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # per-head q/k RMSNorm, explicit head_dim
+    "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=40, num_attention_heads=8,
+                                                            tie_word_embeddings=False)),
+}
+
+
+def make_model(case: str, out: Path, seed: int = 0):
+    """Write a random-weight model folder (config, safetensors, stories260K tokenizer). Returns (dir, hf model)."""
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, over = CASES[case]
+    cfg = getattr(transformers, cfg_cls)(**{**BASE, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # norms and biases away from their trivial init so they matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES_TOKENIZER / f, out / f)
+        (out / f).chmod(0o644)
+    if case.endswith("legacy"):
+        to_legacy_rope(out / "config.json")
+    return out, model
+
+
+def to_legacy_rope(path: Path) -> None:
+    """Rewrite transformers-5 `rope_parameters` into the `rope_theta` + `rope_scaling` layout most
+    Hub checkpoints carry."""
+    c = json.loads(path.read_text())
+    rp = dict(c.pop("rope_parameters"))
+    c["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.pop("rope_type")
+    c["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+    path.write_text(json.dumps(c, indent=2))
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens, recomputing the whole sequence each step (no cache: independent of ours)."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(hf_logits(model, ids)[-1]))
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def hf_mean_nll(model, ids: list[int]) -> float:
+    z = hf_logits(model, ids).astype(np.float64)[:-1]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return float(np.mean(lse - z[np.arange(len(ids) - 1), ids[1:]]))
