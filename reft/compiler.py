@@ -8,6 +8,7 @@ that is renamed into place only when complete.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -103,7 +104,11 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str = "referen
         raise ModelError(f"{model / 'config.json'}: missing key {e}") from None
     except (ValueError, TypeError) as e:
         raise ModelError(f"{model / 'config.json'}: {e}") from None
-    graph = build_graph(family, cfg)
+    source = Path(model_def) if model_def else model / "config.json"
+    try:
+        graph = build_graph(family, cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelError(f"{source}: building the graph failed: {e}") from None
     weights = open_weights(model)
     n_params = bind_weights(graph, weights, str(model))
     tokenizer = Tokenizer.from_dir(model, hf)
@@ -121,8 +126,9 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str = "referen
         tokenizer.save_to(tmp / "tokenizer")
         write_manifest(tmp, {
             "reft_version": __version__,
-            "model": {"architecture": next(a for a in family.ARCHITECTURES), "family": family.__name__.split(".")[-1],
-                      "config": dataclasses.asdict(cfg), "params": n_params, "source": str(model.resolve())},
+            "model": {"architecture": _matched_arch(hf, family), "family": family_name(family, model_def),
+                      "config": dataclasses.asdict(cfg), "params": n_params, "source": str(model.resolve()),
+                      "model_def": _model_def_record(model_def)},
             "context_length": getattr(cfg, "max_position_embeddings", None),
             "vocab_size": getattr(cfg, "vocab_size", None),
             "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
@@ -139,6 +145,21 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str = "referen
         if dump_dir:
             shutil.copytree(dumps, dump_dir, dirs_exist_ok=True)
     return Path(out)
+
+
+def family_name(family, model_def) -> str:
+    return Path(model_def).stem if model_def else family.__name__.split(".")[-1]
+
+
+def _matched_arch(hf: dict, family) -> str:
+    return next((a for a in hf.get("architectures") or [] if a in family.ARCHITECTURES), family.ARCHITECTURES[0])
+
+
+def _model_def_record(model_def) -> dict | None:
+    if not model_def:
+        return None
+    p = Path(model_def)
+    return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
 def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool) -> int:

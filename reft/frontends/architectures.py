@@ -9,6 +9,7 @@ A model-definition module (one per family, in the top-level models/ folder, inst
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import pkgutil
@@ -36,7 +37,8 @@ def load_model_def(path: str | Path) -> ModuleType:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"--model-def {path}: no such file")
-    name = f"reft_user_model_{path.stem}"
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    name = f"reft_user_model_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -45,6 +47,10 @@ def load_model_def(path: str | Path) -> ModuleType:
     except Exception as e:  # user code: report, don't crash
         raise ModelError(f"--model-def {path}: failed to import: {type(e).__name__}: {e}") from None
     missing = [a for a in REQUIRED if not hasattr(mod, a)]
+    if not missing:
+        missing = [f"{a} (not callable)" for a, obj in (("build", getattr(mod, "build")),
+                                                         ("Config.from_hf", getattr(mod.Config, "from_hf", None)))
+                   if not callable(obj)]
     if missing:
         raise ModelError(f"--model-def {path}: missing {', '.join(missing)} (see docs/adding-a-model.md)")
     return mod

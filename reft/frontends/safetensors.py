@@ -158,6 +158,12 @@ class SafetensorsFile:
             except BufferError:  # views still exported: the mapping goes when they do
                 pass
 
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class WeightSource(Mapping):
     """The checkpoint's tensors by name, read lazily from one file or from shards."""
@@ -202,6 +208,12 @@ class WeightSource(Mapping):
         for f in self._open.values():
             f.close()
         self._open.clear()
+
+    def __enter__(self) -> WeightSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def open_weights(model_dir: str | Path) -> WeightSource:

@@ -14,7 +14,11 @@ Notable:
 - `IncrementalDecoder` streams text the way vLLM does: decode a window that starts a few tokens
   back and emit what grew, holding back while the text ends in U+FFFD (an unfinished UTF-8
   sequence from byte-fallback or byte-level tokens). Starting the window on an earlier token keeps
-  SentencePiece's "strip the leading space of the first token" from eating real spaces.
+  SentencePiece's "strip the leading space of the first token" from eating real spaces. Unlike
+  vLLM, the first window never starts inside a prompt character spelled as byte tokens.
+- A run of byte-fallback tokens that is not valid UTF-8 decodes to one U+FFFD per token, even
+  for bytes that were valid alone (b"\x00" then b"\x80"): such garbage can stream differently
+  from a one-shot decode. Valid text always streams exactly.
 - `save_to` writes tokenizer.json, tokenizer_config.json (template + special tokens) and
   generation_config.json (eos ids as a list), which `from_dir` reads back as the same tokenizer.
 """
@@ -230,7 +234,19 @@ class IncrementalDecoder:
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids = list(prompt_ids)
         self.read = len(self.ids)  # ids[:read] have been turned into text already
-        self.prefix = max(self.read - self.CONTEXT, 0)  # window start: decode ids[prefix:] and diff
+        self.prefix = self._window_start()  # decode ids[prefix:] and emit what grew
+
+    def _window_start(self) -> int:
+        """CONTEXT prompt tokens back, or further until the window's text ends the prompt's text
+        (five tokens back can land inside a character spelled as byte tokens)."""
+        if not self.read:
+            return 0
+        dec = self.tokenizer.decode
+        whole = dec(self.ids, skip_special_tokens=self.skip)
+        for p in range(max(self.read - self.CONTEXT, 0), 0, -1):
+            if whole.endswith(dec(self.ids[p:], skip_special_tokens=self.skip)):
+                return p
+        return 0
 
     def _delta(self) -> str:
         dec = self.tokenizer.decode
