@@ -69,7 +69,16 @@ def _parse_attrs(s: str | None) -> dict:
     call = ast.parse(f"f({s})", mode="eval").body
     if not isinstance(call, ast.Call) or call.args:
         raise ParseError(f"bad attributes {{{s}}}")
-    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    return {kw.arg: ast.literal_eval(_SpecialFloats().visit(kw.value)) for kw in call.keywords}
+
+
+class _SpecialFloats(ast.NodeTransformer):
+    """`inf` and `nan` (as repr prints them) are literals in attributes."""
+
+    def visit_Name(self, node):
+        if node.id in ("inf", "nan"):
+            return ast.copy_location(ast.Constant(float(node.id)), node)
+        return node
 
 
 def parse_module(text: str) -> list[Graph]:
@@ -80,8 +89,12 @@ def parse_module(text: str) -> list[Graph]:
             continue
         try:
             if s.startswith("graph ") and s.endswith("{"):
+                if g is not None:
+                    raise ParseError(f"graph {g.name} is not closed before the next one")
                 g, env = Graph(s[6:-1].strip()), {}
             elif s == "}":
+                if g is None:
+                    raise ParseError("'}' outside a graph")
                 graphs.append(g)
                 g = None
             elif (m := _RET.match(s)) and g is not None:
@@ -96,6 +109,8 @@ def parse_module(text: str) -> list[Graph]:
                     raise ParseError(f"{len(outs)} results but {len(types)} types")
                 n = Node(m.group("op"), args, _parse_attrs(m.group("attrs")), types)
                 for name, v in zip(outs, n.outputs):
+                    if name in env:
+                        raise ParseError(f"{name} is defined twice")
                     env[name] = v
                 g.nodes.append(n)
             else:

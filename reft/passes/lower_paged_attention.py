@@ -42,6 +42,7 @@ def lower_paged_attention(graph: Graph, ctx: PassContext) -> Graph:
         graph.nodes[at:at + 1] = [write, read]
         graph.replace_uses(n.out, read.out)
         ctx.count("paged_layers")
-    last_input = max(i for i, n in enumerate(graph.nodes) if n.op == "input")
-    graph.nodes[last_input + 1:last_input + 1] = new_inputs
+    # new inputs go after the graph's leading inputs, before any node that could use them
+    at = next((i for i, n in enumerate(graph.nodes) if n.op != "input"), len(graph.nodes))
+    graph.nodes[at:at] = new_inputs
     return graph

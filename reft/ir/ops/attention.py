@@ -55,9 +55,9 @@ def _attend(q, k, v, qpos, kpos, scale, window):
 # -- causal_attention(q, k, v, positions, seq_ids)
 def _causal_infer(ts, a):
     q, k, v, pos, sid = ts
+    check(k.rank == 3 and is_float(k) and is_float(v) and q.rank == 3 and k.shape[0] == q.shape[0]
+          and v.shape == k.shape, f"causal_attention: k {k} / v {v} do not match q {q}")
     _check_heads(q, k.shape[1], k.shape[2], "causal_attention")
-    check(k.rank == 3 and k.shape[0] == q.shape[0] and v.shape == k.shape,
-          f"causal_attention: k {k} / v {v} do not match q {q}")
     _check_meta(q, pos, sid, "causal_attention")
     return [q]
 
@@ -96,7 +96,7 @@ def slots(positions, seq_ids, page_table, page_size):
 def _write_infer(ts, a):
     kc, vc, k, v, pos, sid, pt = ts
     _check_cache(kc, vc, "kv_cache_write")
-    check(k.rank == 3 and k.shape == v.shape and k.shape[1:] == kc.shape[2:],
+    check(k.rank == 3 and k.shape == v.shape and k.shape[1:] == kc.shape[2:] and is_float(k) and is_float(v),
           f"kv_cache_write: k {k} / v {v} do not fit cache {kc}")
     _check_meta(k, pos, sid, "kv_cache_write")
     _check_table(pt, "kv_cache_write")

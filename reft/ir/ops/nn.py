@@ -55,7 +55,7 @@ op("linear", infer=_linear_infer, ref=_linear_ref, arity=(2, 3), traits={CONTRAC
 # -- rms_norm(x[..., D], w[D]) over the last axis
 def _rms_norm_infer(ts, a):
     x, w = ts
-    check(is_float(x) and is_float(w), "rms_norm: float inputs required")
+    check(is_float(x) and is_float(w) and x.rank >= 1, f"rms_norm: float x of rank >= 1 and float weight required, got {x}, {w}")
     check(w.shape == (x.shape[-1],), f"rms_norm: weight {w} does not match x {x}")
     return [x]
 
