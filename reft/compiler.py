@@ -22,11 +22,11 @@ from .ir import Graph, GraphBuilder, print_graph
 from .ir.types import FLOAT_DTYPES, TensorType
 from .passes.context import PassContext, WeightStore
 from .passes.manager import PassManager
-from .passes.pipeline import PIPELINE
+from .passes.pipeline import pipeline_for
 from .plan import atomic_dir, write_manifest
 from .progress import progress_bar
 
-BACKENDS = ("reference",)
+BACKENDS = ("cpu", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -84,10 +84,18 @@ def kv_layout(graph: Graph, page_size: int) -> dict | None:
             "head_dim": t.shape[3], "dtype": t.dtype, "inputs": [n.name for n in caches]}
 
 
-def compile_model(model: str | Path, out: str | Path, *, backend: str = "reference", dtype: str = "float32",
+def default_backend() -> str:
+    """The best backend for this machine: cpu (C++ codegen) wherever a C++ compiler exists."""
+    import shutil
+
+    return "cpu" if (shutil.which("g++") or shutil.which("c++")) else "reference"
+
+
+def compile_model(model: str | Path, out: str | Path, *, backend: str | None = None, dtype: str = "float32",
                   dump_dir: str | Path | None = None, model_def: str | Path | None = None,
-                  page_size: int = 16, progress: bool = True) -> Path:
+                  page_size: int = 16, max_batch_tokens: int = 512, progress: bool = True) -> Path:
     model = resolve_model(model)
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
@@ -113,14 +121,22 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str = "referen
     n_params = bind_weights(graph, weights, str(model))
     tokenizer = Tokenizer.from_dir(model, hf)
 
-    ctx = PassContext(WeightStore(weights), options={"weight_dtype": dtype, "page_size": page_size})
+    ctx = PassContext(WeightStore(weights), options={"weight_dtype": dtype, "page_size": page_size,
+                                                     "max_batch_tokens": max_batch_tokens})
     with atomic_dir(out) as tmp:
         dumps = tmp / "dumps" if dump_dir else None
-        pm = PassManager(PIPELINE, dump_dir=dumps)
+        pm = PassManager(pipeline_for(backend), dump_dir=dumps)
         graph = pm.run(graph, ctx)
         (tmp / "graphs").mkdir()
         (tmp / "graphs" / "forward.ir").write_text(print_graph(graph))
         (tmp / "kernels").mkdir()
+        backend_record = {"name": "reference", "target": "numpy"}
+        if backend == "cpu":
+            from .backends.cpu import compile_plan
+
+            backend_record = compile_plan(graph, tmp / "kernels", max_tokens=max_batch_tokens)
+            if dumps:
+                shutil.copy(tmp / backend_record["kernel"]["source"], dumps / "forward.cpp")
         (tmp / "weights").mkdir()
         weight_bytes = _write_weights(graph, ctx.weights, tmp / "weights" / "model.safetensors", progress)
         tokenizer.save_to(tmp / "tokenizer")
@@ -133,13 +149,14 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str = "referen
             "vocab_size": getattr(cfg, "vocab_size", None),
             "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
             "quantization": None,
-            "backend": {"name": backend, "target": "numpy"},
+            "backend": backend_record,
+            "max_batch_tokens": max_batch_tokens,
+            "memory": ctx.artifacts.get("memory"),
             "entry_points": {"forward": {"graph": "graphs/forward.ir", **signature(graph)}},
             "kv_cache": kv_layout(graph, page_size),
             "passes": [dataclasses.asdict(r) for r in pm.records],
             "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes,
                         "tensors": len(graph.params())},
-            "kernels": [],
             "ops": graph.op_counts(),
         })
         if dump_dir:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from ..errors import PlanError
 
-AVAILABLE = ("reference",)
+AVAILABLE = ("cpu", "reference")
 
 
-def load(plan):
+def load(plan, threads: int | None = None):
     name = plan.manifest["backend"]["name"]
+    if name == "cpu":
+        from .cpu import load as load_cpu
+
+        return load_cpu(plan, threads)
     if name == "reference":
         from .reference import load as load_reference
 

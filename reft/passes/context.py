@@ -55,6 +55,7 @@ class PassContext:
     weights: WeightStore = field(default_factory=WeightStore)
     options: dict = field(default_factory=dict)
     counters: dict[str, Counter] = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)   # analyses for the plan (e.g. the memory plan)
     current: str = ""
 
     def count(self, what: str, n: int = 1) -> None:

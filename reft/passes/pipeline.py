@@ -5,9 +5,13 @@ from __future__ import annotations
 from .cast_weights import cast_weights
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_code import eliminate_dead_code
+from .fuse_add_rms_norm import fuse_add_rms_norm
+from .fuse_glu import fuse_glu
 from .fuse_projections import fuse_projections
+from .fuse_qkv_rope import fuse_qkv_rope
 from .lower_paged_attention import lower_paged_attention
 from .manager import PassFn
+from .plan_memory import plan_memory_pass
 
 PIPELINE: list[tuple[str, PassFn]] = [
     # -- clean-up of the traced model
@@ -20,3 +24,15 @@ PIPELINE: list[tuple[str, PassFn]] = [
     # -- KV cache: attention reads and writes pages owned by the runtime
     ("lower_paged_attention", lower_paged_attention),
 ]
+
+# -- kernel fusion and memory planning, for code-generating backends
+CODEGEN: list[tuple[str, PassFn]] = [
+    ("fuse_qkv_rope", fuse_qkv_rope),
+    ("fuse_glu", fuse_glu),
+    ("fuse_add_rms_norm", fuse_add_rms_norm),
+    ("plan_memory", plan_memory_pass),
+]
+
+
+def pipeline_for(backend: str) -> list[tuple[str, PassFn]]:
+    return PIPELINE + (CODEGEN if backend != "reference" else [])

@@ -26,11 +26,13 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int = 512):
+    def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
+                 threads: int | None = None):
         self.plan = plan
-        self.exe = backends.load(plan)
+        self.exe = backends.load(plan, threads)
         self.context_length = plan.context_length
-        self.max_batch_tokens = max_batch_tokens
+        limit = int(plan.manifest.get("max_batch_tokens") or 512)
+        self.max_batch_tokens = min(max_batch_tokens or limit, limit)
         pages = -(-(kv_tokens or self.context_length) // plan.kv["page_size"])
         self.pool = PagePool(plan.kv, pages, self.exe.zeros)
 

@@ -20,11 +20,17 @@ TEXT = ("One day, a little girl named Lily found a needle in her room. She knew 
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
+def hf_case(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     model_dir, hf = make_model(request.param, d / "hf")
-    plan = compile_model(model_dir, d / "plan", progress=False)
-    return request.param, hf, Engine.load(plan)
+    return request.param, model_dir, hf
+
+
+@pytest.fixture(scope="module", params=["reference", "cpu"])
+def case(request, hf_case, tmp_path_factory):
+    name, model_dir, hf = hf_case
+    plan = compile_model(model_dir, tmp_path_factory.mktemp("plan") / "plan", backend=request.param, progress=False)
+    return f"{name}/{request.param}", hf, Engine.load(plan)
 
 
 def prompt_ids(n=32, seed=1):

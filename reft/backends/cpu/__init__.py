@@ -1,0 +1,30 @@
+"""The CPU backend: fused C++ kernels from templates, compiled by the host compiler, called
+once per step through one exported function per entry point."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...ir import Graph
+from .compile import build, host_target, render
+from .lower import lower
+from .runtime import CpuExecutable, physical_cores
+
+
+def compile_plan(graph: Graph, kernels_dir: Path, *, max_tokens: int, target: str | None = None) -> dict:
+    """Lower, render and compile the forward entry; returns the manifest's backend record."""
+    target = target or host_target()
+    low = lower(graph, max_tokens)
+    src, lib = build(render(low, "forward", target), target, kernels_dir)
+    kernels = [{"kernel": c.kernel, "node": c.comment} for c in low.calls]
+    return {"name": "cpu", "target": target,
+            "kernel": {"source": f"kernels/{src.name}", "library": f"kernels/{lib.name}", "symbols": low.symbols,
+                       "params": low.params, "arena_bytes": low.arena_bytes, "scratch_floats": low.scratch_floats,
+                       "outputs": {k: [o, d, list(s)] for k, (o, d, s) in low.outputs.items()}},
+            "kernels": kernels}
+
+
+def load(plan, threads: int | None = None) -> CpuExecutable:
+    return CpuExecutable(plan, threads)
+
+
+__all__ = ["compile_plan", "load", "CpuExecutable", "physical_cores"]

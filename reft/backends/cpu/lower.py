@@ -1,0 +1,337 @@
+"""Lower a graph to kernel calls for the CPU forward function.
+
+Each node becomes one `Call` record (kernel name, template arguments, call arguments, and
+the declarations it needs); the template forward.cpp.j2 only prints them. Buffers are
+C++ expressions: graph inputs `in[i]`, weights `P[j]`, activations `arena + offset` from
+the memory plan (views and KV-cache writes alias their source buffer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...errors import PlanError
+from ...ir import Graph, Node, Value, ops
+from ...ir.ops.nn import rope_inv_freq
+from ...passes.plan_memory import MemoryPlan, plan_memory
+
+CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
+SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
+GEMV_MAX_T, GEMM_CHUNK = 8, 256      # keep in step with templates/linear.h
+ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
+             "original_max_position")
+
+
+class Unsupported(PlanError):
+    pass
+
+
+@dataclass
+class Call:
+    kernel: str
+    targs: list
+    args: list
+    comment: str
+    decls: list = field(default_factory=list)
+
+
+@dataclass
+class Lowered:
+    symbols: list[str]
+    inputs: list[str]                # graph input names, in in[] order
+    params: list[str]                # weight names, in P[] order
+    outputs: dict[str, tuple]        # name -> (arena offset, dtype, shape)
+    calls: list[Call]
+    constants: list[dict]
+    arena_bytes: int
+    scratch_floats: int
+
+
+def expr(dims) -> str:
+    """C++ product of dims (ints and symbols)."""
+    parts = [str(d) for d in dims if d != 1]
+    return "*".join(parts) if parts else "1"
+
+
+def strides(shape) -> list[str]:
+    return [f"({expr(shape[i + 1:])})" for i in range(len(shape))]
+
+
+class Lowering:
+    def __init__(self, graph: Graph, max_tokens: int):
+        self.g = graph
+        self.max_tokens = max_tokens
+        self.plan: MemoryPlan = plan_memory(graph, {"T": max_tokens, "R": max_tokens})
+        self.inputs = [n.name for n in graph.inputs()]
+        self.params = [n.name for n in graph.params()]
+        self.calls: list[Call] = []
+        self.constants: list[dict] = []
+        self.scratch = 64
+        self._const_ids: dict[tuple, str] = {}
+        syms = {d for n in graph.inputs() for d in n.out.shape if isinstance(d, str)}
+        self.symbols = [s for s in SYMBOL_ORDER if s in syms] + sorted(syms - set(SYMBOL_ORDER))
+
+    # -- buffers -----------------------------------------------------------------------
+    def ptr(self, v: Value, const: bool = True) -> str:
+        r = self.plan.root(v)
+        t = CTYPE.get(v.dtype)
+        if t is None:
+            raise Unsupported(f"cpu backend: dtype {v.dtype} is not supported")
+        q = "const " if const else ""
+        if r.node.op == "input":
+            return f"(({q}{t}*)in[{self.inputs.index(r.node.name)}])"
+        if r.node.op == "param":
+            return f"(({q}{t}*)P[{self.params.index(r.node.name)}])"
+        return f"(({q}{t}*)(arena + {self.plan.offsets[id(r)]}))"
+
+    def out(self, v: Value) -> str:
+        return self.ptr(v, const=False)
+
+    def const_array(self, values, prefix: str) -> str:
+        key = tuple(float(x) for x in values)
+        if key not in self._const_ids:
+            name = f"{prefix}_{len(self.constants)}"
+            self.constants.append({"name": name, "data": [f"{float(x).hex()}f" if x == x else "NAN" for x in values]})
+            self._const_ids[key] = name
+        return self._const_ids[key]
+
+    def need_scratch(self, floats: int) -> None:
+        self.scratch = max(self.scratch, int(floats) + 64)
+
+    # -- driver ------------------------------------------------------------------------
+    def run(self) -> Lowered:
+        for i, n in enumerate(self.g.nodes):
+            if n.op in ("input", "param", "reshape"):
+                continue
+            fn = getattr(self, f"op_{n.op}", None)
+            if fn is None:
+                raise Unsupported(f"cpu backend: op {n.op} is not supported")
+            before = len(self.calls)
+            fn(n)
+            for c in self.calls[before:]:
+                c.comment = f"node {i}: {n.op}" + (f" ({c.comment})" if c.comment else "") + self._where(n)
+        outputs = {}
+        for name, v in self.g.outputs.items():
+            r = self.plan.root(v)
+            if id(r) not in self.plan.offsets:
+                raise Unsupported(f"cpu backend: output {name} must be computed by the graph")
+            outputs[name] = (self.plan.offsets[id(r)], v.dtype, v.shape)
+        return Lowered(self.symbols, self.inputs, self.params, outputs, self.calls, self.constants,
+                       self.plan.arena_bytes, self.scratch)
+
+    def _where(self, n: Node) -> str:
+        names = [v.node.name for v in n.inputs if v.node.op == "param"]
+        return f" [{names[0]}]" if names else ""
+
+    def emit(self, kernel: str, targs: list, args: list, decls=(), comment: str = "") -> None:
+        self.calls.append(Call(kernel, [str(a) for a in targs], [str(a) for a in args], comment, list(decls)))
+
+    def rows(self, v: Value) -> str:
+        return expr(v.shape[:-1])
+
+    # -- ops ---------------------------------------------------------------------------
+    def op_embedding(self, n: Node):
+        ids, table = n.inputs
+        self.emit("k_embedding", [CTYPE[table.dtype], CTYPE[n.out.dtype], CTYPE[ids.dtype]],
+                  [self.ptr(ids), expr(ids.shape), self.ptr(table), table.shape[1], self.out(n.out)])
+
+    def _f32_activation(self, n: Node, *vals: Value) -> None:
+        for v in vals:
+            if v.dtype != "float32":
+                raise Unsupported(f"cpu backend: {n.op} needs float32 activations, got {v.dtype}")
+
+    def _linear_scratch(self, K: int) -> None:
+        self.need_scratch(GEMM_CHUNK * K)
+
+    def op_linear(self, n: Node):
+        x, w = n.inputs[:2]
+        self._f32_activation(n, x, *n.inputs[2:])
+        K, N = w.shape[1], w.shape[0]
+        self._linear_scratch(K)
+        b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
+        self.emit("k_linear", [CTYPE[w.dtype], K, N], [self.ptr(x), self.rows(x), self.ptr(w), b, self.out(n.out), "scr"])
+
+    def op_linear_glu(self, n: Node):
+        x, w = n.inputs[:2]
+        self._f32_activation(n, x, *n.inputs[2:])
+        K, F = w.shape[1], w.shape[0] // 2
+        self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K)
+        b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
+        act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
+        self.emit("k_linear_glu", [CTYPE[w.dtype], K, F, act], [self.ptr(x), self.rows(x), self.ptr(w), b,
+                                                               self.out(n.out), "scr"])
+
+    def op_qkv_rope(self, n: Node):
+        a = A(n)
+        x, w = n.inputs[:2]
+        i = 2
+        b = "(const float*)0"
+        if a["bias"]:
+            b, i = self.ptr(n.inputs[2]), 3
+        pos = n.inputs[i]
+        qn = kn = "(const float*)0"
+        if a["qk_norm"]:
+            qn, kn = self.ptr(n.inputs[i + 1]), self.ptr(n.inputs[i + 2])
+            for v in n.inputs[i + 1:i + 3]:
+                if v.dtype != "float32":
+                    raise Unsupported("cpu backend: q/k norm weights must be float32")
+        self._f32_activation(n, x, *([n.inputs[2]] if a["bias"] else []))
+        H, Hkv, D, rot = a["heads"], a["kv_heads"], a["head_dim"], a["rotary_dim"]
+        K = w.shape[1]
+        self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(GEMM_CHUNK, D), GEMV_MAX_T * (H + 2 * Hkv) * D)
+                          + max(GEMM_CHUNK, D) * K)
+        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        q, k, v = (self.out(o) for o in n.outputs)
+        self.emit("k_qkv_rope", [CTYPE[w.dtype], CTYPE[pos.dtype], K, H, Hkv, D, rot],
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(w), b, self.ptr(pos), qn, kn, f"{float(a['eps']).hex()}f",
+                   inv, q, k, v, "scr"])
+
+    def op_rms_norm(self, n: Node):
+        x, w = n.inputs
+        self.emit("k_rms_norm", [CTYPE[x.dtype], CTYPE[w.dtype]],
+                  [self.ptr(x), self.ptr(w), self.rows(x), x.shape[-1], f"{float(A(n)['eps']).hex()}f", self.out(n.out)])
+
+    def op_add_rms_norm(self, n: Node):
+        x, r, w = n.inputs
+        self._f32_activation(n, x, r)
+        s, y = n.outputs
+        self.emit("k_add_rms_norm", [CTYPE[w.dtype]],
+                  [self.ptr(x), self.ptr(r), self.ptr(w), self.rows(x), x.shape[-1],
+                   f"{float(A(n)['eps']).hex()}f", self.out(s), self.out(y)])
+
+    def op_softmax(self, n: Node):
+        x = n.inputs[0]
+        self.emit("k_softmax", [CTYPE[x.dtype]], [self.ptr(x), self.rows(x), x.shape[-1], self.out(n.out)])
+
+    def op_rope(self, n: Node):
+        x, pos = n.inputs
+        a = A(n)
+        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        self.emit("k_rope", [CTYPE[x.dtype], CTYPE[pos.dtype]],
+                  [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), x.shape[1], x.shape[2], a["rotary_dim"], inv,
+                   self.out(n.out)])
+
+    def op_take_rows(self, n: Node):
+        x, rows = n.inputs
+        rowbytes = f"{expr(x.shape[1:])}*{_size(x.dtype)}"
+        self.emit("k_take_rows", [CTYPE[rows.dtype]], [f"(const char*){self.ptr(x)}", self.ptr(rows),
+                                                        expr(rows.shape), rowbytes, f"(char*){self.out(n.out)}"])
+
+    def op_kv_cache_write(self, n: Node):
+        kc, vc, k, v, pos, sid, table = n.inputs
+        self._f32_activation(n, k, v)
+        if pos.dtype != sid.dtype:
+            raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
+        PS, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
+        self.emit("k_kv_cache_write", [CTYPE[kc.dtype], CTYPE[pos.dtype], CTYPE[table.dtype], PS, Hkv, D],
+                  [self.out(n.outputs[0]), self.out(n.outputs[1]), self.ptr(k), self.ptr(v), self.ptr(pos),
+                   self.ptr(sid), self.ptr(table), expr(k.shape[:1]), table.shape[1]])
+
+    def op_paged_attention(self, n: Node):
+        q, kc, vc, pos, sid, table = n.inputs
+        self._f32_activation(n, q)
+        if pos.dtype != sid.dtype:
+            raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
+        PS, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
+        self.emit("k_paged_attention", [CTYPE[kc.dtype], CTYPE[pos.dtype], CTYPE[table.dtype], PS, q.shape[1], Hkv, D],
+                  [self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(pos), self.ptr(sid), self.ptr(table),
+                   expr(q.shape[:1]), table.shape[1], f"{float(A(n)['scale']).hex()}f",
+                   A(n)["sliding_window"], self.out(n.out)])
+
+    def op_causal_attention(self, n: Node):
+        q, k, v, pos, sid = n.inputs
+        if not (q.dtype == k.dtype == v.dtype) or pos.dtype != sid.dtype:
+            raise Unsupported("cpu backend: causal_attention needs q/k/v of one dtype and index inputs of one dtype")
+        self.emit("k_causal_attention", [CTYPE[q.dtype], CTYPE[pos.dtype], q.shape[1], k.shape[1], q.shape[2]],
+                  [self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(pos), self.ptr(sid), expr(q.shape[:1]),
+                   f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out)])
+
+    def _binary(self, n: Node, code: str):
+        x, y = n.inputs
+        o = n.out
+        t = [code, CTYPE[x.dtype], CTYPE[y.dtype], CTYPE[o.dtype]]
+        if x.shape == y.shape == o.shape:
+            self.emit("k_binary_flat", t, [self.ptr(x), self.ptr(y), self.out(o), expr(o.shape)])
+            return
+        rank = len(o.shape)
+        tag = len(self.calls)
+        decls = [_array(f"sh{tag}", [str(d) for d in o.shape]), _array(f"xs{tag}", _bstrides(x.shape, o.shape)),
+                 _array(f"ys{tag}", _bstrides(y.shape, o.shape))]
+        self.emit("k_binary", t, [self.ptr(x), self.ptr(y), self.out(o), rank, f"sh{tag}", f"xs{tag}", f"ys{tag}"], decls)
+
+    def op_add(self, n: Node):
+        self._binary(n, "OP_ADD")
+
+    def op_mul(self, n: Node):
+        self._binary(n, "OP_MUL")
+
+    def _unary(self, n: Node, code: str):
+        x = n.inputs[0]
+        self.emit("k_unary", [code, CTYPE[x.dtype], CTYPE[n.out.dtype]], [self.ptr(x), self.out(n.out), expr(x.shape)])
+
+    def op_silu(self, n: Node):
+        self._unary(n, "UN_SILU")
+
+    def op_gelu_tanh(self, n: Node):
+        self._unary(n, "UN_GELU_TANH")
+
+    def op_cast(self, n: Node):
+        x, o = n.inputs[0], n.out
+        if x.dtype.startswith("int") and o.dtype.startswith("int"):
+            self.emit("k_cast_int", [CTYPE[x.dtype], CTYPE[o.dtype]], [self.ptr(x), self.out(o), expr(x.shape)])
+        else:
+            self._unary(n, "UN_CAST")
+
+    def _copy(self, src: str, dst: str, shape, ss, ds, dtype: str):
+        tag = len(self.calls)
+        decls = [_array(f"sh{tag}", [str(d) for d in shape]), _array(f"ss{tag}", ss), _array(f"ds{tag}", ds)]
+        self.emit("k_copy_nd", [CTYPE[dtype]], [src, dst, len(shape), f"sh{tag}", f"ss{tag}", f"ds{tag}"], decls)
+
+    def op_transpose(self, n: Node):
+        x, o = n.inputs[0], n.out
+        xs = strides(x.shape)
+        self._copy(self.ptr(x), self.out(o), o.shape, [xs[p] for p in A(n)["perm"]], strides(o.shape), x.dtype)
+
+    def op_split(self, n: Node):
+        x = n.inputs[0]
+        ax = A(n)["axis"] % len(x.shape)
+        xs = strides(x.shape)
+        at = 0
+        for o, size in zip(n.outputs, A(n)["sizes"]):
+            self._copy(f"({self.ptr(x)} + {at}*{xs[ax]})", self.out(o), o.shape, xs, strides(o.shape), x.dtype)
+            at += size
+
+    def op_concat(self, n: Node):
+        o = n.out
+        ax = A(n)["axis"] % len(o.shape)
+        os_ = strides(o.shape)
+        at = 0
+        for x in n.inputs:
+            self._copy(self.ptr(x), f"({self.out(o)} + {at}*{os_[ax]})", x.shape, strides(x.shape), os_, x.dtype)
+            at += x.shape[ax]
+
+
+def A(n: Node) -> dict:
+    """A node's attributes with the op's defaults filled in."""
+    return ops.get(n.op).full_attrs(n.attrs)
+
+
+def _size(dtype: str) -> int:
+    from ...ir.types import itemsize
+
+    return itemsize(dtype)
+
+
+def _array(name: str, items: list[str]) -> str:
+    return f"const int64_t {name}[] = {{{', '.join(items) or '0'}}};"
+
+
+def _bstrides(shape, out_shape) -> list[str]:
+    """Strides of `shape` broadcast to out_shape (0 on broadcast dims, missing leading dims)."""
+    pad = len(out_shape) - len(shape)
+    full = (1,) * pad + tuple(shape)
+    st = strides(full)
+    return ["0" if (i < pad or (full[i] == 1 and out_shape[i] != 1)) else st[i] for i in range(len(full))]
+
+
+def lower(graph: Graph, max_tokens: int) -> Lowered:
+    return Lowering(graph, max_tokens).run()

@@ -1,0 +1,82 @@
+// ---- rows.h: row-wise kernels: embedding gather, row selection, RMSNorm (+ residual), softmax,
+// standalone rotary embedding. Threads split the rows.
+
+template <typename WT, typename OT, typename IT>
+static void k_embedding(int ith, int nth, const IT* ids, int64_t T, const WT* table, int64_t D, OT* out) {
+    int64_t t0, t1;
+    split_range(T, ith, nth, 1, &t0, &t1);
+    for (int64_t t = t0; t < t1; t++) {
+        const WT* row = table + (int64_t)ids[t] * D;
+        for (int64_t i = 0; i < D; i++) out[t * D + i] = st<OT>(ld(row[i]));
+    }
+}
+
+// out[r] = x[rows[r]] for rows of `rowbytes` bytes
+template <typename IT>
+static void k_take_rows(int ith, int nth, const char* x, const IT* rows, int64_t R, int64_t rowbytes, char* out) {
+    int64_t r0, r1;
+    split_range(R, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) memcpy(out + r * rowbytes, x + (int64_t)rows[r] * rowbytes, rowbytes);
+}
+
+template <typename XT, typename WT>
+static void k_rms_norm(int ith, int nth, const XT* x, const WT* w, int64_t rows, int64_t D, float eps, XT* y) {
+    int64_t r0, r1;
+    split_range(rows, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const XT* xr = x + r * D;
+        float ss = 0.f;
+        for (int64_t i = 0; i < D; i++) { float v = ld(xr[i]); ss += v * v; }
+        float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = st<XT>(ld(xr[i]) * inv * ld(w[i]));
+    }
+}
+
+// s = x + r; y = rms_norm(s) * w
+template <typename WT>
+static void k_add_rms_norm(int ith, int nth, const float* x, const float* res, const WT* w, int64_t rows,
+                           int64_t D, float eps, float* s, float* y) {
+    int64_t r0, r1;
+    split_range(rows, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        float ss = 0.f;
+        for (int64_t i = 0; i < D; i++) {
+            float v = x[r * D + i] + res[r * D + i];
+            s[r * D + i] = v;
+            ss += v * v;
+        }
+        float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = s[r * D + i] * inv * ld(w[i]);
+    }
+}
+
+template <typename XT>
+static void k_softmax(int ith, int nth, const XT* x, int64_t rows, int64_t D, XT* y) {
+    int64_t r0, r1;
+    split_range(rows, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < D; i++) m = fmaxf(m, ld(x[r * D + i]));
+        for (int64_t i = 0; i < D; i++) sum += expf(ld(x[r * D + i]) - m);
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = st<XT>(expf(ld(x[r * D + i]) - m) / sum);
+    }
+}
+
+// x[T, H, D] rotated on its first ROT dims
+template <typename XT, typename IT>
+static void k_rope(int ith, int nth, const XT* x, const IT* pos, int64_t T, int64_t H, int64_t D, int64_t ROT,
+                   const float* inv_freq, XT* y) {
+    int64_t t0, t1;
+    split_range(T, ith, nth, 1, &t0, &t1);
+    const int64_t half = ROT / 2;
+    float tab[2 * half > 0 ? 2 * half : 1], h[D > 0 ? D : 1];
+    for (int64_t t = t0; t < t1; t++) {
+        rope_table<IT>(pos + t, 1, inv_freq, half, tab);
+        for (int64_t hh = 0; hh < H; hh++) {
+            const XT* src = x + (t * H + hh) * D;
+            for (int64_t i = 0; i < D; i++) h[i] = ld(src[i]);
+            rope_apply(h, tab, half);
+            for (int64_t i = 0; i < D; i++) y[(t * H + hh) * D + i] = st<XT>(h[i]);
+        }
+    }
+}

@@ -1,0 +1,108 @@
+"""Fused ops made by the fusion passes. Each is defined by composing the references of the
+ops it replaces, so a fused graph runs on the reference executor and every fusion is
+checked by the same "outputs unchanged" tests as any other pass.
+
+  add_rms_norm   s = x + r; y = rms_norm(s, w)                 -> (s, y)
+  linear_glu     y = linear(x, W[2F, K], b?); act(y[:, :F]) * y[:, F:]
+  qkv_rope       y = linear(x, W, b?); split into q/k/v heads; optional per-head RMSNorm of
+                 q and k; rotary on q and k                      -> (q, k, v)
+"""
+from __future__ import annotations
+
+from ..types import TensorType
+from . import registry as R
+from .core import _gelu_tanh, _silu
+from .nn import _linear_infer, _linear_ref, _rms_norm_ref, _rope_infer, _rope_ref
+from .registry import CONTRACTION, REDUCTION, check, is_float, op
+
+
+# -- add_rms_norm(x, r, w) -> (x + r, rms_norm(x + r, w))
+def _add_rms_norm_infer(ts, a):
+    x, r, w = ts
+    check(x == r and is_float(x) and x.rank >= 1, f"add_rms_norm: x {x} and residual {r} must match")
+    check(w.shape == (x.shape[-1],) and is_float(w), f"add_rms_norm: weight {w} does not match {x}")
+    return [x, x]
+
+
+def _add_rms_norm_ref(xs, a):
+    s = R.get("add").ref(xs[:2], {})[0]
+    return [s, _rms_norm_ref([s, xs[2]], a)[0]]
+
+
+op("add_rms_norm", infer=_add_rms_norm_infer, ref=_add_rms_norm_ref, arity=3, traits={REDUCTION},
+   attrs=("eps",), doc="Residual add fused with the RMSNorm that follows it; returns (sum, normed).")
+
+
+# -- linear_glu(x, W[2F, K], b?) -> act(gate) * up
+ACTS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
+
+
+def _glu_infer(ts, a):
+    y = _linear_infer(ts, a)[0]
+    n = y.shape[-1]
+    check(a["act"] in ACTS, f"linear_glu: act must be one of {sorted(ACTS)}, got {a['act']!r}")
+    check(isinstance(n, int) and n % 2 == 0, f"linear_glu: weight rows {n} must be even (gate then up)")
+    return [TensorType(y.shape[:-1] + (n // 2,), y.dtype)]
+
+
+def _glu_ref(xs, a):
+    y = _linear_ref(xs, a)[0]
+    f = y.shape[-1] // 2
+    g = ACTS[a["act"]](R.f32(y[..., :f])).astype(y.dtype)
+    return [R.get("mul").ref([g, y[..., f:]], {})[0]]
+
+
+op("linear_glu", infer=_glu_infer, ref=_glu_ref, arity=(2, 3), traits={CONTRACTION}, attrs=("act",),
+   doc="Gate/up projection with the gated activation in its epilogue: act(x W_g^T) * (x W_u^T).")
+
+
+# -- qkv_rope(x, W, [b], positions, [q_norm_w, k_norm_w]) -> q, k, v
+def _unpack(xs, a):
+    i = 2
+    bias = None
+    if a["bias"]:
+        bias, i = xs[2], 3
+    pos = xs[i]
+    norms = xs[i + 1:i + 3] if a["qk_norm"] else None
+    return xs[0], xs[1], bias, pos, norms
+
+
+def _rope_attrs(a):
+    return {k: a[k] for k in ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
+                              "original_max_position")}
+
+
+def _qkv_infer(ts, a):
+    x, w, b, pos, norms = _unpack(ts, a)
+    H, Hkv, D = a["heads"], a["kv_heads"], a["head_dim"]
+    check(len(ts) == 3 + bool(a["bias"]) + 2 * bool(a["qk_norm"]), f"qkv_rope: wrong number of inputs {len(ts)}")
+    y = _linear_infer([x, w] + ([b] if b is not None else []), {})[0]
+    check(x.rank == 2 and y.shape[-1] == (H + 2 * Hkv) * D, f"qkv_rope: weight {w} is not (H + 2 Hkv) * D rows")
+    if norms:
+        check(all(n.shape == (D,) and is_float(n) for n in norms), f"qkv_rope: q/k norm weights must be [{D}]")
+    T = x.shape[0]
+    q, k = TensorType((T, H, D), x.dtype), TensorType((T, Hkv, D), x.dtype)
+    _rope_infer([q, pos], _rope_attrs(a))
+    return [q, k, k]
+
+
+def _qkv_ref(xs, a):
+    x, w, b, pos, norms = _unpack(xs, a)
+    H, Hkv, D = a["heads"], a["kv_heads"], a["head_dim"]
+    y = _linear_ref([x, w] + ([b] if b is not None else []), {})[0]
+    T = x.shape[0]
+    q = y[:, :H * D].reshape(T, H, D)
+    k = y[:, H * D:(H + Hkv) * D].reshape(T, Hkv, D)
+    v = y[:, (H + Hkv) * D:].reshape(T, Hkv, D).copy()
+    if norms:
+        q = _rms_norm_ref([q, norms[0]], a)[0]
+        k = _rms_norm_ref([k, norms[1]], a)[0]
+    ra = _rope_attrs(a)
+    return [_rope_ref([q, pos], ra)[0], _rope_ref([k, pos], ra)[0], v]
+
+
+op("qkv_rope", infer=_qkv_infer, ref=_qkv_ref, arity=(3, 6), traits={CONTRACTION},
+   attrs=("heads", "kv_heads", "head_dim", "theta", "rotary_dim"),
+   defaults={"bias": False, "qk_norm": False, "eps": 1e-6, "scaling": "default", "factor": 1.0,
+             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192},
+   doc="Fused q/k/v projection with (optional q/k RMSNorm and) rotary embedding in its epilogue.")

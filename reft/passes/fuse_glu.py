@@ -1,0 +1,32 @@
+"""Fold the gated activation into the gate/up projection: SiLU(gate) * up in the epilogue.
+
+Pattern: y = linear(x, W[, b]); g, u = split(y, sizes=(F, F)); a = silu(g) | gelu_tanh(g);
+m = mul(a, u)  ->  m = linear_glu(x, W[, b], act).
+"""
+from __future__ import annotations
+
+from ..ir import Graph
+from .context import PassContext
+from .rewrite import Uses, make, replace
+
+
+def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
+    uses = Uses(graph)
+    for lin in [n for n in graph.nodes if n.op == "linear"]:
+        split = uses.only(lin.out)
+        if not split or split.op != "split" or len(split.outputs) != 2 or split.attrs["axis"] not in (-1, lin.out.type.rank - 1):
+            continue
+        g, u = split.outputs
+        if g.shape != u.shape:
+            continue
+        act = uses.only(g)
+        if not act or act.op not in ("silu", "gelu_tanh"):
+            continue
+        mul = uses.only(act.out)
+        if not mul or mul.op != "mul" or mul.inputs != [act.out, u] or uses.only(u) is not mul:
+            continue
+        fused = make("linear_glu", list(lin.inputs), act=act.op)
+        replace(graph, fused, lin, [(mul.out, fused.out)], [lin, split, act, mul])
+        uses = Uses(graph)
+        ctx.count(f"fused_{act.op}")
+    return graph
