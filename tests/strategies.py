@@ -308,7 +308,49 @@ def _paged_attention(draw):
     return "paged_attention", [q, kc, vc, pos, sid, table], _attn_attrs(draw, D)
 
 
+# -- fused ops (made by the fusion passes) ---------------------------------------------
+
+@st.composite
+def _add_rms_norm(draw):
+    rng = _rng(draw)
+    s, dt = draw(shapes(1, 3)), draw(float_dtypes)
+    eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
+    return "add_rms_norm", [rand(rng, s, dt), rand(rng, s, dt), rand(rng, (s[-1],), draw(float_dtypes))], {"eps": eps}
+
+
+@st.composite
+def _linear_glu(draw):
+    rng = _rng(draw)
+    T, K, F = draw(dims), draw(st.integers(1, 40)), draw(st.integers(1, 24))
+    xs = [rand(rng, (T, K), draw(float_dtypes)), rand(rng, (2 * F, K), draw(float_dtypes))]
+    if draw(st.booleans()):
+        xs.append(rand(rng, (2 * F,), draw(float_dtypes)))
+    return "linear_glu", xs, {"act": draw(st.sampled_from(["silu", "gelu_tanh"]))}
+
+
+@st.composite
+def _qkv_rope(draw):
+    rng = _rng(draw)
+    T, K = draw(dims), draw(st.integers(1, 40))
+    Hkv = draw(st.integers(1, 3))
+    H, D = Hkv * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 6))
+    dt = draw(float_dtypes)
+    xs = [rand(rng, (T, K), dt), rand(rng, ((H + 2 * Hkv) * D, K), draw(float_dtypes))]
+    bias, norm = draw(st.booleans()), draw(st.booleans())
+    if bias:
+        xs.append(rand(rng, ((H + 2 * Hkv) * D,), draw(float_dtypes)))
+    xs.append(rand(rng, (T,), draw(int_dtypes), 0, draw(st.sampled_from([8, 5000]))))
+    if norm:
+        xs += [rand(rng, (D,), draw(float_dtypes), 0.5, 1.5), rand(rng, (D,), draw(float_dtypes), 0.5, 1.5)]
+    attrs = dict(rope_attrs(draw, D), heads=H, kv_heads=Hkv, head_dim=D, bias=bias, qk_norm=norm,
+                 eps=draw(st.sampled_from([1e-6, 1e-5])))
+    return "qkv_rope", xs, attrs
+
+
 OP_CASES: dict[str, st.SearchStrategy] = {
+    "add_rms_norm": _add_rms_norm(),
+    "linear_glu": _linear_glu(),
+    "qkv_rope": _qkv_rope(),
     "add": _binary("add"),
     "mul": _binary("mul"),
     "silu": _unary("silu"),
@@ -382,6 +424,9 @@ SYMBOLIC_AXES = {
     "causal_attention": _lead(5),
     "kv_cache_write": lambda xs, a: [_CACHE, _CACHE, _T, _T, _T, _T, _TABLE],
     "paged_attention": lambda xs, a: [_T, _CACHE, _CACHE, _T, _T, _TABLE],
+    "add_rms_norm": lambda xs, a: [{0: "T"} if xs[0].ndim >= 2 else {}] * 2 + [{}],
+    "linear_glu": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
+    "qkv_rope": lambda xs, a: [_T, {}] + [{}] * a["bias"] + [_T] + [{}] * (2 * a["qk_norm"]),
 }
 
 

@@ -25,7 +25,8 @@ def test_wheel_contents(wheel):
     for f in ("reft_models/__init__.py", "reft_models/llama.py", "reft_models/mistral.py", "reft_models/qwen2.py",
               "reft_models/qwen3.py", "reft/assets/stories260K/model.safetensors",
               "reft/assets/stories260K/tokenizer.json", "reft/assets/stories260K/LICENSE",
-              "reft/assets/stories260K/PROVENANCE.md", "reft/ir/ops/attention.py"):
+              "reft/assets/stories260K/PROVENANCE.md", "reft/ir/ops/attention.py",
+              "reft/backends/cpu/templates/forward.cpp.j2", "reft/backends/cpu/templates/linear.h"):
         assert f in names, f
     assert not any(n.startswith(("tests/", "models/")) for n in names)
 

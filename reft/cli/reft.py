@@ -85,16 +85,18 @@ def sampling_options(fn):
 @click.option("--system", default=None, help="System message for --chat.")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A Jinja chat template file to use instead of the model's own.")
+@click.option("--threads", "-t", type=click.IntRange(1), default=None,
+              help="CPU threads for the cpu backend. [default: physical cores]")
 @sampling_options
 @friendly_errors
-def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop):
+def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, threads):
     """Generate text with PLAN: continue --prompt, or chat with --chat."""
     from ..errors import ReftError
     from ..runtime.engine import Engine
 
     if (prompt is None) == (not chat):
         raise ReftError("give exactly one of --prompt TEXT or --chat")
-    engine = Engine.load(plan)
+    engine = Engine.load(plan, threads=threads)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     tok = engine.tokenizer
     if prompt is not None:
@@ -145,8 +147,10 @@ class _Capture:
               help="UTF-8 text file to score.")
 @click.option("--ctx", type=click.IntRange(2), default=None,
               help="Window size in tokens. [default: the model's context length]")
+@click.option("--threads", "-t", type=click.IntRange(1), default=None,
+              help="CPU threads for the cpu backend. [default: physical cores]")
 @friendly_errors
-def perplexity(plan, text_file, ctx):
+def perplexity(plan, text_file, ctx, threads):
     """Perplexity of PLAN's model over a text file.
 
     The file is tokenized once (with BOS if the tokenizer adds one) and cut into consecutive
@@ -163,12 +167,47 @@ def perplexity(plan, text_file, ctx):
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ReftError(f"{text_file}: cannot read text ({e.__class__.__name__}: {e})") from None
-    engine = Engine.load(plan)
+    engine = Engine.load(plan, threads=threads)
     ids = engine.tokenizer.encode(text)
     with progress_bar(len(ids), "perplexity", enabled=show_progress(), unit="tok") as bar:
         r = run_ppl(engine, ids, ctx, progress=bar.update)
     click.echo(f"perplexity {r.ppl:.4f}  (mean NLL {r.mean_nll:.6f} over {r.tokens_scored} tokens,"
                f" {r.windows} window{'s' if r.windows != 1 else ''})")
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("-p", "--n-prompt", "prompt", default=512, show_default=True, type=click.IntRange(0),
+              help="Prompt tokens processed in one step (the ppN test); 0 skips it.")
+@click.option("-n", "--n-gen", "gen", default=128, show_default=True, type=click.IntRange(0),
+              help="Tokens generated one step at a time from an empty cache (the tgN test); 0 skips it.")
+@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(1),
+              help="Timed repetitions of each test, after one warm-up run.")
+@click.option("--threads", "-t", type=click.IntRange(1), default=None,
+              help="CPU threads. [default: physical cores]")
+@click.option("--output", "-o", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True,
+              help="A table like llama-bench's, or JSON records for scripts.")
+@friendly_errors
+def bench(plan, prompt, gen, repetitions, threads, fmt):
+    """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev)."""
+    import json as _json
+
+    from ..backends.cpu import physical_cores
+    from ..errors import ReftError
+    from ..runtime.bench import bench as run_bench
+    from ..runtime.bench import format_table
+    from ..runtime.engine import Engine
+
+    threads = threads or physical_cores()
+    engine = Engine.load(plan, threads=threads, kv_tokens=prompt + gen + 16)
+    if prompt > engine.max_batch_tokens:
+        raise ReftError(f"-p {prompt} exceeds the plan's max_batch_tokens {engine.max_batch_tokens}"
+                        " (recompile with a larger --max-batch-tokens)")
+    results = run_bench(engine, prompt, gen, repetitions, threads)
+    if fmt == "json":
+        click.echo(_json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        click.echo(format_table(results))
 
 
 if __name__ == "__main__":

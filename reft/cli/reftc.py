@@ -26,8 +26,9 @@ def main():
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Plan directory to write (replaced atomically if it already holds a plan).")
-@click.option("--backend", default="reference", show_default=True, type=click.Choice(["reference"]),
-              help="Code generator: 'reference' runs the IR with numpy (the oracle of every other backend).")
+@click.option("--backend", default=None, type=click.Choice(["cpu", "reference"]),
+              help="Code generator: 'cpu' emits fused C++ kernels compiled by the host compiler; 'reference' runs"
+                   " the IR with numpy (the oracle every other backend is tested against). [default: cpu]")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Storage dtype of weight matrices (compute is float32).")
@@ -37,8 +38,10 @@ def main():
               help="A model-definition .py file for an architecture reft does not ship (docs/adding-a-model.md).")
 @click.option("--page-size", default=16, show_default=True, type=click.IntRange(1, 1024),
               help="Tokens per KV-cache page.")
+@click.option("--max-batch-tokens", default=512, show_default=True, type=click.IntRange(1, 65536),
+              help="Most tokens one forward step may hold (activation memory is planned for this many).")
 @friendly_errors
-def compile(model, out, backend, dtype, dump_dir, model_def, page_size):
+def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens):
     """Compile MODEL into a plan directory.
 
     MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or the
@@ -47,7 +50,7 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size):
     from ..compiler import compile_model
 
     compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
-                  page_size=page_size, progress=show_progress())
+                  page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress())
     click.echo(f"wrote plan {out}")
 
 
@@ -95,8 +98,26 @@ def inspect(plan, as_json):
         counts = ", ".join(f"{k}={v}" for k, v in sorted(r["counts"].items())) or "-"
         click.echo(f"  {i:2d}. {r['name']:<34} {r['nodes_before']:>5} -> {r['nodes_after']:<5} nodes"
                    f"  {r['seconds'] * 1000:7.1f} ms  {counts}")
-    click.echo(f"kernels     {len(m.get('kernels', []))}" +
-               ("  (the reference backend interprets the IR; no generated kernels)" if not m.get("kernels") else ""))
+    be = m["backend"]
+    kernels = be.get("kernels", [])
+    if not kernels:
+        click.echo("kernels     none: the reference backend interprets the IR")
+    else:
+        click.echo(f"kernels     {len(kernels)} calls per step in one generated function ({be['kernel']['source']})")
+        counts: dict[str, int] = {}
+        for k in kernels:
+            counts[k["kernel"]] = counts.get(k["kernel"], 0) + 1
+        fused = {"k_qkv_rope": "linear(q,k,v) + split + [q/k rms_norm] + rope",
+                 "k_linear_glu": "linear(gate,up) + split + act + mul",
+                 "k_add_rms_norm": "residual add + rms_norm",
+                 "k_paged_attention": "online-softmax GQA attention over KV pages"}
+        for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {n:4d} x {name:<22} {fused.get(name, '')}")
+    mem = m.get("memory")
+    if mem:
+        click.echo("activations peak arena bytes by tokens per step (without reuse in brackets)")
+        for t, r in mem.items():
+            click.echo(f"  T={t:<5} {_human(r['arena_bytes']):>10}  ({_human(r['without_reuse_bytes'])})")
     click.echo("ops         " + ", ".join(f"{k} {v}" for k, v in m.get("ops", {}).items()))
 
 

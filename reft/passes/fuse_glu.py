@@ -1,7 +1,7 @@
 """Fold the gated activation into the gate/up projection: SiLU(gate) * up in the epilogue.
 
 Pattern: y = linear(x, W[, b]); g, u = split(y, sizes=(F, F)); a = silu(g) | gelu_tanh(g);
-m = mul(a, u)  ->  m = linear_glu(x, W[, b], act).
+m = mul(a, u) or mul(u, a)  ->  m = linear_glu(x, W[, b], act).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
         if not act or act.op not in ("silu", "gelu_tanh"):
             continue
         mul = uses.only(act.out)
-        if not mul or mul.op != "mul" or mul.inputs != [act.out, u] or uses.only(u) is not mul:
+        if not mul or mul.op != "mul" or {id(v) for v in mul.inputs} != {id(act.out), id(u)} or uses.only(u) is not mul:
             continue
         fused = make("linear_glu", list(lin.inputs), act=act.op)
         replace(graph, fused, lin, [(mul.out, fused.out)], [lin, split, act, mul])

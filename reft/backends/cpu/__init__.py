@@ -24,7 +24,17 @@ def compile_plan(graph: Graph, kernels_dir: Path, *, max_tokens: int, target: st
 
 
 def load(plan, threads: int | None = None) -> CpuExecutable:
-    return CpuExecutable(plan, threads)
+    return CpuExecutable.from_plan(plan, threads)
 
 
-__all__ = ["compile_plan", "load", "CpuExecutable", "physical_cores"]
+def compile_graph(graph: Graph, weights: dict, workdir: Path, *, max_tokens: int = 64,
+                  threads: int | None = None) -> CpuExecutable:
+    """Compile and load any graph (tests, tools): weights are given as arrays."""
+    from .memory import HostWeights
+
+    record = compile_plan(graph, Path(workdir), max_tokens=max_tokens)
+    lib = Path(workdir) / Path(record["kernel"]["library"]).name
+    return CpuExecutable(graph, record, lib, HostWeights.from_arrays(weights), max_tokens, threads)
+
+
+__all__ = ["compile_plan", "compile_graph", "load", "CpuExecutable", "physical_cores"]

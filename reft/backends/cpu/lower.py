@@ -39,7 +39,7 @@ class Lowered:
     symbols: list[str]
     inputs: list[str]                # graph input names, in in[] order
     params: list[str]                # weight names, in P[] order
-    outputs: dict[str, tuple]        # name -> (arena offset, dtype, shape)
+    outputs: dict[str, tuple]        # name -> (arena offset or ~input index, dtype, shape)
     calls: list[Call]
     constants: list[dict]
     arena_bytes: int
@@ -110,11 +110,14 @@ class Lowering:
             for c in self.calls[before:]:
                 c.comment = f"node {i}: {n.op}" + (f" ({c.comment})" if c.comment else "") + self._where(n)
         outputs = {}
-        for name, v in self.g.outputs.items():
+        for name, v in self.g.outputs.items():   # an arena offset, or ~index of the input it aliases
             r = self.plan.root(v)
-            if id(r) not in self.plan.offsets:
-                raise Unsupported(f"cpu backend: output {name} must be computed by the graph")
-            outputs[name] = (self.plan.offsets[id(r)], v.dtype, v.shape)
+            if r.node.op == "input":
+                outputs[name] = (~self.inputs.index(r.node.name), v.dtype, v.shape)
+            elif id(r) in self.plan.offsets:
+                outputs[name] = (self.plan.offsets[id(r)], v.dtype, v.shape)
+            else:
+                raise Unsupported(f"cpu backend: output {name} is a weight; outputs must be computed")
         return Lowered(self.symbols, self.inputs, self.params, outputs, self.calls, self.constants,
                        self.plan.arena_bytes, self.scratch)
 
@@ -131,7 +134,7 @@ class Lowering:
     # -- ops ---------------------------------------------------------------------------
     def op_embedding(self, n: Node):
         ids, table = n.inputs
-        self.emit("k_embedding", [CTYPE[table.dtype], CTYPE[n.out.dtype], CTYPE[ids.dtype]],
+        self.emit("k_embedding", [ct(table.dtype), ct(n.out.dtype), ct(ids.dtype)],
                   [self.ptr(ids), expr(ids.shape), self.ptr(table), table.shape[1], self.out(n.out)])
 
     def _f32_activation(self, n: Node, *vals: Value) -> None:
@@ -148,7 +151,7 @@ class Lowering:
         K, N = w.shape[1], w.shape[0]
         self._linear_scratch(K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
-        self.emit("k_linear", [CTYPE[w.dtype], K, N], [self.ptr(x), self.rows(x), self.ptr(w), b, self.out(n.out), "scr"])
+        self.emit("k_linear", [ct(w.dtype), K, N], [self.ptr(x), self.rows(x), self.ptr(w), b, self.out(n.out), "scr"])
 
     def op_linear_glu(self, n: Node):
         x, w = n.inputs[:2]
@@ -157,7 +160,7 @@ class Lowering:
         self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
         act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
-        self.emit("k_linear_glu", [CTYPE[w.dtype], K, F, act], [self.ptr(x), self.rows(x), self.ptr(w), b,
+        self.emit("k_linear_glu", [ct(w.dtype), K, F, act], [self.ptr(x), self.rows(x), self.ptr(w), b,
                                                                self.out(n.out), "scr"])
 
     def op_qkv_rope(self, n: Node):
@@ -181,39 +184,39 @@ class Lowering:
                           + max(GEMM_CHUNK, D) * K)
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
         q, k, v = (self.out(o) for o in n.outputs)
-        self.emit("k_qkv_rope", [CTYPE[w.dtype], CTYPE[pos.dtype], K, H, Hkv, D, rot],
+        self.emit("k_qkv_rope", [ct(w.dtype), ct(pos.dtype), K, H, Hkv, D, rot],
                   [self.ptr(x), expr(x.shape[:1]), self.ptr(w), b, self.ptr(pos), qn, kn, f"{float(a['eps']).hex()}f",
                    inv, q, k, v, "scr"])
 
     def op_rms_norm(self, n: Node):
         x, w = n.inputs
-        self.emit("k_rms_norm", [CTYPE[x.dtype], CTYPE[w.dtype]],
+        self.emit("k_rms_norm", [ct(x.dtype), ct(w.dtype)],
                   [self.ptr(x), self.ptr(w), self.rows(x), x.shape[-1], f"{float(A(n)['eps']).hex()}f", self.out(n.out)])
 
     def op_add_rms_norm(self, n: Node):
         x, r, w = n.inputs
         self._f32_activation(n, x, r)
         s, y = n.outputs
-        self.emit("k_add_rms_norm", [CTYPE[w.dtype]],
+        self.emit("k_add_rms_norm", [ct(w.dtype)],
                   [self.ptr(x), self.ptr(r), self.ptr(w), self.rows(x), x.shape[-1],
                    f"{float(A(n)['eps']).hex()}f", self.out(s), self.out(y)])
 
     def op_softmax(self, n: Node):
         x = n.inputs[0]
-        self.emit("k_softmax", [CTYPE[x.dtype]], [self.ptr(x), self.rows(x), x.shape[-1], self.out(n.out)])
+        self.emit("k_softmax", [ct(x.dtype)], [self.ptr(x), self.rows(x), x.shape[-1], self.out(n.out)])
 
     def op_rope(self, n: Node):
         x, pos = n.inputs
         a = A(n)
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
-        self.emit("k_rope", [CTYPE[x.dtype], CTYPE[pos.dtype]],
+        self.emit("k_rope", [ct(x.dtype), ct(pos.dtype)],
                   [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), x.shape[1], x.shape[2], a["rotary_dim"], inv,
                    self.out(n.out)])
 
     def op_take_rows(self, n: Node):
         x, rows = n.inputs
         rowbytes = f"{expr(x.shape[1:])}*{_size(x.dtype)}"
-        self.emit("k_take_rows", [CTYPE[rows.dtype]], [f"(const char*){self.ptr(x)}", self.ptr(rows),
+        self.emit("k_take_rows", [ct(rows.dtype)], [f"(const char*){self.ptr(x)}", self.ptr(rows),
                                                         expr(rows.shape), rowbytes, f"(char*){self.out(n.out)}"])
 
     def op_kv_cache_write(self, n: Node):
@@ -222,7 +225,7 @@ class Lowering:
         if pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
         PS, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
-        self.emit("k_kv_cache_write", [CTYPE[kc.dtype], CTYPE[pos.dtype], CTYPE[table.dtype], PS, Hkv, D],
+        self.emit("k_kv_cache_write", [ct(kc.dtype), ct(pos.dtype), ct(table.dtype), PS, Hkv, D],
                   [self.out(n.outputs[0]), self.out(n.outputs[1]), self.ptr(k), self.ptr(v), self.ptr(pos),
                    self.ptr(sid), self.ptr(table), expr(k.shape[:1]), table.shape[1]])
 
@@ -232,7 +235,7 @@ class Lowering:
         if pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
         PS, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
-        self.emit("k_paged_attention", [CTYPE[kc.dtype], CTYPE[pos.dtype], CTYPE[table.dtype], PS, q.shape[1], Hkv, D],
+        self.emit("k_paged_attention", [ct(kc.dtype), ct(pos.dtype), ct(table.dtype), PS, q.shape[1], Hkv, D],
                   [self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(pos), self.ptr(sid), self.ptr(table),
                    expr(q.shape[:1]), table.shape[1], f"{float(A(n)['scale']).hex()}f",
                    A(n)["sliding_window"], self.out(n.out)])
@@ -241,14 +244,14 @@ class Lowering:
         q, k, v, pos, sid = n.inputs
         if not (q.dtype == k.dtype == v.dtype) or pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: causal_attention needs q/k/v of one dtype and index inputs of one dtype")
-        self.emit("k_causal_attention", [CTYPE[q.dtype], CTYPE[pos.dtype], q.shape[1], k.shape[1], q.shape[2]],
+        self.emit("k_causal_attention", [ct(q.dtype), ct(pos.dtype), q.shape[1], k.shape[1], q.shape[2]],
                   [self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(pos), self.ptr(sid), expr(q.shape[:1]),
                    f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out)])
 
     def _binary(self, n: Node, code: str):
         x, y = n.inputs
         o = n.out
-        t = [code, CTYPE[x.dtype], CTYPE[y.dtype], CTYPE[o.dtype]]
+        t = [code, ct(x.dtype), ct(y.dtype), ct(o.dtype)]
         if x.shape == y.shape == o.shape:
             self.emit("k_binary_flat", t, [self.ptr(x), self.ptr(y), self.out(o), expr(o.shape)])
             return
@@ -266,7 +269,7 @@ class Lowering:
 
     def _unary(self, n: Node, code: str):
         x = n.inputs[0]
-        self.emit("k_unary", [code, CTYPE[x.dtype], CTYPE[n.out.dtype]], [self.ptr(x), self.out(n.out), expr(x.shape)])
+        self.emit("k_unary", [code, ct(x.dtype), ct(n.out.dtype)], [self.ptr(x), self.out(n.out), expr(x.shape)])
 
     def op_silu(self, n: Node):
         self._unary(n, "UN_SILU")
@@ -277,14 +280,14 @@ class Lowering:
     def op_cast(self, n: Node):
         x, o = n.inputs[0], n.out
         if x.dtype.startswith("int") and o.dtype.startswith("int"):
-            self.emit("k_cast_int", [CTYPE[x.dtype], CTYPE[o.dtype]], [self.ptr(x), self.out(o), expr(x.shape)])
+            self.emit("k_cast_int", [ct(x.dtype), ct(o.dtype)], [self.ptr(x), self.out(o), expr(x.shape)])
         else:
             self._unary(n, "UN_CAST")
 
     def _copy(self, src: str, dst: str, shape, ss, ds, dtype: str):
         tag = len(self.calls)
         decls = [_array(f"sh{tag}", [str(d) for d in shape]), _array(f"ss{tag}", ss), _array(f"ds{tag}", ds)]
-        self.emit("k_copy_nd", [CTYPE[dtype]], [src, dst, len(shape), f"sh{tag}", f"ss{tag}", f"ds{tag}"], decls)
+        self.emit("k_copy_nd", [ct(dtype)], [src, dst, len(shape), f"sh{tag}", f"ss{tag}", f"ds{tag}"], decls)
 
     def op_transpose(self, n: Node):
         x, o = n.inputs[0], n.out
@@ -308,6 +311,13 @@ class Lowering:
         for x in n.inputs:
             self._copy(self.ptr(x), f"({self.out(o)} + {at}*{os_[ax]})", x.shape, strides(x.shape), os_, x.dtype)
             at += x.shape[ax]
+
+
+def ct(dtype: str) -> str:
+    """C++ type of an IR dtype."""
+    if dtype not in CTYPE:
+        raise Unsupported(f"cpu backend: dtype {dtype} is not supported")
+    return CTYPE[dtype]
 
 
 def A(n: Node) -> dict:

@@ -60,6 +60,22 @@ class HostWeights:
         self.offsets = {k: v["data_offsets"][0] for k, v in header.items()}
         self.nbytes = size
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "HostWeights":
+        """Pack in-memory arrays (64-byte aligned) — for running graphs that are not plans."""
+        self = cls.__new__(cls)
+        self.offsets, at = {}, 0
+        for k, a in arrays.items():
+            self.offsets[k] = at
+            at += -(-a.nbytes // 64) * 64
+        self.buf = anon(max(at, 64))
+        self.base = address(self.buf)
+        self.nbytes = at
+        for k, a in arrays.items():
+            b = np.ascontiguousarray(a)
+            np.frombuffer(self.buf, np.uint8, b.nbytes, self.offsets[k])[:] = b.view(np.uint8).reshape(-1)
+        return self
+
     def address(self, name: str) -> int:
         return self.base + self.offsets[name]
 

@@ -41,27 +41,25 @@ def _openblas_sgemm() -> int:
 
 
 class CpuExecutable:
-    def __init__(self, plan, threads: int | None = None):
-        m = plan.manifest
-        self.plan = plan
-        backend = m["backend"]
-        check_target(backend["target"])
-        k = backend["kernel"]
-        self.graph = plan.graph("forward")
-        self.lib = ctypes.CDLL(str(plan.path / k["library"]))
+    """The compiled forward function of a graph, its weights, arena and scratch memory."""
+
+    def __init__(self, graph, record: dict, library: Path, weights, max_tokens: int, threads: int | None = None):
+        k = record["kernel"]
+        self.graph = graph
+        self.lib = ctypes.CDLL(str(library))
         self.lib.reft_init(ctypes.c_void_p(_openblas_sgemm()))
         self.fn = getattr(self.lib, "reft_forward")
         self.fn.restype = ctypes.c_int
         self.threads = threads or physical_cores()
         self.symbols = k["symbols"]
-        self.max_tokens = int(m["max_batch_tokens"])
+        self.max_tokens = int(max_tokens)
         self.inputs = [n for n in self.graph.inputs()]
-        by_name = {n.name: n for n in self.graph.params()}
-        self.weights = HostWeights(plan.path / m["weights"]["files"][0])
-        self.P = (ctypes.c_void_p * max(1, len(k["params"])))(*[self.weights.address(p) for p in k["params"]])
-        for p in k["params"]:
-            if p not in by_name:
-                raise PlanError(f"{plan.path}: kernel parameter {p} is not a weight of the graph")
+        names = {n.name for n in self.graph.params()}
+        missing = [p for p in k["params"] if p not in names]
+        if missing:
+            raise PlanError(f"kernel parameter {missing[0]} is not a weight of the graph")
+        self.weights = weights
+        self.P = (ctypes.c_void_p * max(1, len(k["params"])))(*[weights.address(p) for p in k["params"]])
         self.arena = anon(max(64, int(k["arena_bytes"])))
         self.scratch = anon(4 * int(k["scratch_floats"]) * self.threads, huge=False)
         self.outputs = k["outputs"]
@@ -90,6 +88,9 @@ class CpuExecutable:
         out = {}
         for name, (off, dtype, shape) in self.outputs.items():
             shp = tuple(d if isinstance(d, int) else sizes[d] for d in shape)
+            if off < 0:  # the output is (a view of) an input the step wrote in place
+                out[name] = keep[~off].reshape(shp)
+                continue
             count = int(np.prod(shp, dtype=np.int64))
             out[name] = np.frombuffer(self.arena, dtype=np_dtype(dtype), count=count, offset=off).reshape(shp).copy()
         return out
@@ -97,3 +98,12 @@ class CpuExecutable:
     @staticmethod
     def zeros(shape, dtype: str):
         return np.zeros(shape, np_dtype(dtype))
+
+    @classmethod
+    def from_plan(cls, plan, threads: int | None = None) -> "CpuExecutable":
+        m = plan.manifest
+        record = m["backend"]
+        check_target(record["target"])
+        weights = HostWeights(plan.path / m["weights"]["files"][0])
+        return cls(plan.graph("forward"), record, plan.path / record["kernel"]["library"], weights,
+                   int(m["max_batch_tokens"]), threads)

@@ -1,0 +1,88 @@
+"""`reft bench`: prompt processing (ppN) and text generation (tgN) speed, as llama-bench defines them.
+
+ppN: one step of N prompt tokens on an empty KV cache. tgN: N single-token decode steps
+starting from an empty cache. Each test runs once to warm up, then `repetitions` times;
+tokens/s is reported as mean and standard deviation over the repetitions.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .engine import Chunk, Engine
+
+
+@dataclass
+class BenchResult:
+    model: str
+    size_bytes: int
+    params: int
+    backend: str
+    threads: int
+    test: str
+    tokens_per_s: float
+    stddev: float
+    runs: list
+    peak_rss_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _tokens(engine: Engine, n: int, seed: int = 0) -> list[int]:
+    vocab = int(engine.plan.manifest.get("vocab_size") or 32000)
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def time_prompt(engine: Engine, n: int) -> float:
+    seq = engine.new_sequence(_tokens(engine, n))
+    try:
+        t0 = time.perf_counter()
+        engine.prefill(seq)
+        return time.perf_counter() - t0
+    finally:
+        seq.release()
+
+
+def time_generation(engine: Engine, n: int) -> float:
+    toks = _tokens(engine, n, seed=1)
+    seq = engine.new_sequence([toks[0]])
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            engine.step([Chunk(seq, 1)])
+            if i + 1 < n:
+                seq.tokens.append(toks[i + 1])
+        return time.perf_counter() - t0
+    finally:
+        seq.release()
+
+
+def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int) -> list[BenchResult]:
+    m = engine.plan.manifest
+    name = f"{m['model']['architecture']} {m['dtypes']['weights']}"
+    out = []
+    tests = ([(f"pp{prompt}", prompt, time_prompt)] if prompt else []) + ([(f"tg{gen}", gen, time_generation)] if gen else [])
+    for test, n, fn in tests:
+        fn(engine, n)  # warm-up
+        rates = [n / fn(engine, n) for _ in range(repetitions)]
+        out.append(BenchResult(name, int(m["weights"]["bytes"]), int(m["model"]["params"]), m["backend"]["name"],
+                               threads, test, float(np.mean(rates)), float(np.std(rates)), rates, peak_rss()))
+    return out
+
+
+def format_table(results: list[BenchResult]) -> str:
+    rows = ["| model | size | params | backend | threads | test | t/s |", "|---|---:|---:|---|---:|---|---:|"]
+    for r in results:
+        rows.append(f"| {r.model} | {r.size_bytes / 2**20:.2f} MiB | {r.params / 1e6:.2f} M | {r.backend} | {r.threads}"
+                    f" | {r.test} | {r.tokens_per_s:.2f} ± {r.stddev:.2f} |")
+    if results:
+        rows.append(f"\npeak RSS {results[-1].peak_rss_bytes / 2**20:.0f} MiB")
+    return "\n".join(rows)
