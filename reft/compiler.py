@@ -138,7 +138,8 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
             if dumps:
                 shutil.copy(tmp / backend_record["kernel"]["source"], dumps / "forward.cpp")
         (tmp / "weights").mkdir()
-        weight_bytes = _write_weights(graph, ctx.weights, tmp / "weights" / "model.safetensors", progress)
+        layouts = backend_record.get("layouts", {})
+        weight_bytes = _write_weights(graph, ctx.weights, tmp / "weights" / "model.safetensors", progress, layouts)
         tokenizer.save_to(tmp / "tokenizer")
         write_manifest(tmp, {
             "reft_version": __version__,
@@ -179,10 +180,19 @@ def _model_def_record(model_def) -> dict | None:
     return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
-def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool) -> int:
+def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool, layouts: dict) -> int:
+    """Stream every weight of the final graph to one safetensors file, in the physical layout the
+    backend chose for it (e.g. packed for the cpu kernels). Returns the bytes of weights."""
+    from .backends.cpu import pack, packed_shape
+
     params = graph.params()
-    total = sum(n.out.type.nbytes() for n in params)
-    items = [(n.name, n.out.dtype, n.out.shape, lambda name=n.name: store[name]) for n in params]
+    items = []
+    for n in params:
+        if n.name in layouts:
+            items.append((n.name, n.out.dtype, packed_shape(n.out.shape), lambda name=n.name: pack(store[name])))
+        else:
+            items.append((n.name, n.out.dtype, n.out.shape, lambda name=n.name: store[name]))
+    total = sum(TensorType(tuple(s), d).nbytes() for _, d, s, _ in items)
     with progress_bar(total, "weights", enabled=progress) as bar:
         write_safetensors(path, items, metadata={"format": "reft"}, progress=lambda name, nb: bar.update(nb))
     return total

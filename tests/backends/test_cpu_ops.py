@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from strategies import OP_CASES, input_types
 
 from reft.backends.cpu import compile_graph
-from reft.backends.cpu.lower import Unsupported
+from reft.backends.cpu.lower import PACKED_READERS, Unsupported
 from reft.backends.reference import ReferenceExecutor
 from reft.ir import Graph, GraphBuilder, ops
 
@@ -38,20 +38,25 @@ def uses_uint8(xs, attrs) -> bool:
     return any(x.dtype == np.uint8 for x in xs) or attrs.get("dtype") == "uint8"
 
 
-def build(cases) -> tuple[Graph, dict]:
-    """One graph with every case as independent nodes over their own inputs."""
+def build(cases) -> tuple[Graph, dict, dict]:
+    """One graph with every case as independent nodes over their own inputs; weight matrices of
+    matmul-like ops are graph weights (the cpu backend stores those packed)."""
     b = GraphBuilder("forward")
-    feeds = {}
+    feeds, weights = {}, {}
     for c, (op, xs, attrs) in enumerate(cases):
         vals = []
         for i, (x, t) in enumerate(zip(xs, input_types(xs))):
             name = f"c{c}_in{i}"
+            if PACKED_READERS.get(op) == i and x.ndim == 2:
+                weights[name] = x.copy()
+                vals.append(b.param(name, t.shape, t.dtype))
+                continue
             feeds[name] = x.copy()
             vals.append(b.input(name, t.shape, t.dtype))
         outs = b.emit(op, *vals, **attrs)
         for j, o in enumerate(outs if isinstance(outs, list) else [outs]):
             b.output(f"c{c}_out{j}", o)
-    return b.graph, feeds
+    return b.graph, feeds, weights
 
 
 def tolerance(dtype):
@@ -66,13 +71,13 @@ def test_cpu_op_matches_reference(op, data):
     cases = [(o, as_f32(o, xs), a) for o, xs, a in cases if not uses_uint8(xs, a)]   # no uint8 kernels
     if not cases:
         reject()
-    graph, feeds = build(cases)
+    graph, feeds, weights = build(cases)
     if not graph.outputs:
         reject()
-    want = ReferenceExecutor(graph, {}).run({k: v.copy() for k, v in feeds.items()})
+    want = ReferenceExecutor(graph, weights).run({k: v.copy() for k, v in feeds.items()})
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            exe = compile_graph(graph, {}, tmp, max_tokens=64, threads=2)
+            exe = compile_graph(graph, weights, tmp, max_tokens=64, threads=2)
         except Unsupported:
             reject()
         got = exe.run({k: v.copy() for k, v in feeds.items()})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...ir import Graph
 from .compile import build, host_target, render
-from .lower import lower
+from .lower import lower, pack, packed_shape
 from .runtime import CpuExecutable, physical_cores
 
 
@@ -16,7 +16,7 @@ def compile_plan(graph: Graph, kernels_dir: Path, *, max_tokens: int, target: st
     low = lower(graph, max_tokens)
     src, lib = build(render(low, "forward", target), target, kernels_dir)
     kernels = [{"kernel": c.kernel, "node": c.comment} for c in low.calls]
-    return {"name": "cpu", "target": target,
+    return {"name": "cpu", "target": target, "layouts": low.layouts,
             "kernel": {"source": f"kernels/{src.name}", "library": f"kernels/{lib.name}", "symbols": low.symbols,
                        "params": low.params, "arena_bytes": low.arena_bytes, "scratch_floats": low.scratch_floats,
                        "outputs": {k: [o, d, list(s)] for k, (o, d, s) in low.outputs.items()}},
@@ -34,7 +34,8 @@ def compile_graph(graph: Graph, weights: dict, workdir: Path, *, max_tokens: int
 
     record = compile_plan(graph, Path(workdir), max_tokens=max_tokens)
     lib = Path(workdir) / Path(record["kernel"]["library"]).name
+    weights = {k: pack(v) if k in record["layouts"] else v for k, v in weights.items()}
     return CpuExecutable(graph, record, lib, HostWeights.from_arrays(weights), max_tokens, threads)
 
 
-__all__ = ["compile_plan", "compile_graph", "load", "CpuExecutable", "physical_cores"]
+__all__ = ["compile_plan", "compile_graph", "pack", "packed_shape", "load", "CpuExecutable", "physical_cores"]

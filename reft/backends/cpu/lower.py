@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...errors import PlanError
 from ...ir import Graph, Node, Value, ops
 from ...ir.ops.nn import rope_inv_freq
@@ -16,7 +18,10 @@ from ...passes.plan_memory import MemoryPlan, plan_memory
 
 CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
-GEMV_MAX_T, GEMM_CHUNK = 8, 256      # keep in step with templates/linear.h
+GEMV_MAX_T, GEMM_CHUNK, RB = 4, 256, 8      # keep in step with templates/linear.h
+# consumers that read a weight matrix in the packed layout: op -> index of the weight input
+PACKED_READERS = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
+PACKED = "rows8x16"
 ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position")
 
@@ -44,6 +49,7 @@ class Lowered:
     constants: list[dict]
     arena_bytes: int
     scratch_floats: int
+    layouts: dict[str, str]          # weight name -> physical layout (absent: row-major as in the IR)
 
 
 def expr(dims) -> str:
@@ -67,8 +73,26 @@ class Lowering:
         self.constants: list[dict] = []
         self.scratch = 64
         self._const_ids: dict[tuple, str] = {}
+        self.layouts = self._choose_layouts()
         syms = {d for n in graph.inputs() for d in n.out.shape if isinstance(d, str)}
         self.symbols = [s for s in SYMBOL_ORDER if s in syms] + sorted(syms - set(SYMBOL_ORDER))
+
+    def _choose_layouts(self) -> dict[str, str]:
+        """Pack a weight matrix when every op reading it understands the packed layout."""
+        readers: dict[str, list[bool]] = {}
+        for n in self.g.nodes:
+            for i, v in enumerate(n.inputs):
+                if v.node.op == "param":
+                    ok = PACKED_READERS.get(n.op) == i and v.type.rank == 2 and v.dtype in ("float32", "float16", "bfloat16")
+                    readers.setdefault(v.node.name, []).append(ok)
+        return {name: PACKED for name, oks in readers.items() if all(oks)}
+
+    def packed(self, v: Value) -> bool:
+        return v.node.op == "param" and self.layouts.get(v.node.name) == PACKED
+
+    def require_packed(self, n: Node, v: Value) -> None:
+        if not self.packed(v):
+            raise Unsupported(f"cpu backend: {n.op} needs its weight as a packable graph weight")
 
     # -- buffers -----------------------------------------------------------------------
     def ptr(self, v: Value, const: bool = True) -> str:
@@ -119,7 +143,7 @@ class Lowering:
             else:
                 raise Unsupported(f"cpu backend: output {name} is a weight; outputs must be computed")
         return Lowered(self.symbols, self.inputs, self.params, outputs, self.calls, self.constants,
-                       self.plan.arena_bytes, self.scratch)
+                       self.plan.arena_bytes, self.scratch, self.layouts)
 
     def _where(self, n: Node) -> str:
         names = [v.node.name for v in n.inputs if v.node.op == "param"]
@@ -134,7 +158,7 @@ class Lowering:
     # -- ops ---------------------------------------------------------------------------
     def op_embedding(self, n: Node):
         ids, table = n.inputs
-        self.emit("k_embedding", [ct(table.dtype), ct(n.out.dtype), ct(ids.dtype)],
+        self.emit("k_embedding", [ct(table.dtype), ct(n.out.dtype), ct(ids.dtype), str(self.packed(table)).lower()],
                   [self.ptr(ids), expr(ids.shape), self.ptr(table), table.shape[1], self.out(n.out)])
 
     def _f32_activation(self, n: Node, *vals: Value) -> None:
@@ -148,6 +172,7 @@ class Lowering:
     def op_linear(self, n: Node):
         x, w = n.inputs[:2]
         self._f32_activation(n, x, *n.inputs[2:])
+        self.require_packed(n, w)
         K, N = w.shape[1], w.shape[0]
         self._linear_scratch(K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
@@ -156,6 +181,7 @@ class Lowering:
     def op_linear_glu(self, n: Node):
         x, w = n.inputs[:2]
         self._f32_activation(n, x, *n.inputs[2:])
+        self.require_packed(n, w)
         K, F = w.shape[1], w.shape[0] // 2
         self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
@@ -178,6 +204,7 @@ class Lowering:
                 if v.dtype != "float32":
                     raise Unsupported("cpu backend: q/k norm weights must be float32")
         self._f32_activation(n, x, *([n.inputs[2]] if a["bias"] else []))
+        self.require_packed(n, w)
         H, Hkv, D, rot = a["heads"], a["kv_heads"], a["head_dim"], a["rotary_dim"]
         K = w.shape[1]
         self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(GEMM_CHUNK, D), GEMV_MAX_T * (H + 2 * Hkv) * D)
@@ -341,6 +368,22 @@ def _bstrides(shape, out_shape) -> list[str]:
     full = (1,) * pad + tuple(shape)
     st = strides(full)
     return ["0" if (i < pad or (full[i] == 1 and out_shape[i] != 1)) else st[i] for i in range(len(full))]
+
+
+def pack(a: np.ndarray) -> np.ndarray:
+    """[N, K] -> packed [N8/8, K16/16, 8, 16] (zero padded): the layout of templates/linear.h."""
+    N, K = a.shape
+    Np, Kp = -(-N // RB) * RB, -(-K // 16) * 16
+    if (Np, Kp) != (N, K):
+        b = np.zeros((Np, Kp), a.dtype)
+        b[:N, :K] = a
+        a = b
+    return np.ascontiguousarray(a.reshape(Np // RB, RB, Kp // 16, 16).transpose(0, 2, 1, 3))
+
+
+def packed_shape(shape) -> tuple:
+    N, K = shape
+    return (-(-N // RB), -(-K // 16), RB, 16)
 
 
 def lower(graph: Graph, max_tokens: int) -> Lowered:
