@@ -35,6 +35,12 @@ def test_earliest_of_several_stops():
 def test_matches_plain_search(text, stops, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=6)))
     pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
-    hits = [text.find(s) for s in stops if s in text]
-    want = text[:min(hits)] if hits else text
-    assert stream(pieces, stops) == (want, bool(hits))
+    # Generation ends with the piece in which a stop string first completes; the text is cut at
+    # the earliest stop string found in everything received up to that piece.
+    ends = [b for b in cuts + [len(text)] if any(s in text[:b] for s in stops)]
+    if ends:
+        seen = text[:ends[0]]
+        want = seen[:min(seen.find(s) for s in stops if s in seen)]
+    else:
+        want = text
+    assert stream(pieces, stops) == (want, bool(ends))

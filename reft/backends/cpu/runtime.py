@@ -30,7 +30,13 @@ def physical_cores() -> int:
 
 
 def _openblas_sgemm() -> int:
-    """Address of OpenBLAS's cblas_sgemm (single-threaded: reft's threads split the work), or 0."""
+    """Address of OpenBLAS's cblas_sgemm, or 0 (then a plain loop stands in).
+
+    reft's own OpenMP threads split every GEMM into row blocks, so OpenBLAS runs single-threaded
+    and never starts a pool of its own to compete with them (OPENBLAS_NUM_THREADS is read when
+    the library loads, unless the user set it).
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         import scipy_openblas32 as sob
     except ImportError:
