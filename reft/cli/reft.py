@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -199,11 +200,13 @@ def bench(plan, prompt, gen, repetitions, threads, fmt):
     from ..runtime.engine import Engine
 
     threads = threads or physical_cores()
+    t0 = time.perf_counter()
     engine = Engine.load(plan, threads=threads, kv_tokens=prompt + gen + 16)
+    load_s = time.perf_counter() - t0
     if prompt > engine.max_batch_tokens:
         raise ReftError(f"-p {prompt} exceeds the plan's max_batch_tokens {engine.max_batch_tokens}"
                         " (recompile with a larger --max-batch-tokens)")
-    results = run_bench(engine, prompt, gen, repetitions, threads)
+    results = run_bench(engine, prompt, gen, repetitions, threads, load_s)
     if fmt == "json":
         click.echo(_json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -61,3 +61,10 @@ class PassContext:
     def count(self, what: str, n: int = 1) -> None:
         """Bump a counter of the running pass (tests assert that a rewrite fired)."""
         self.counters.setdefault(self.current, Counter())[what] += n
+
+    def fused(self, node, replaced, what: str = "fused") -> None:
+        """Record a fusion (for the --dump fusion report) and count it."""
+        self.count(what)
+        weights = [v.node.name for v in node.inputs if v.node is not None and v.node.op == "param"]
+        line = f"{self.current}: {node.op} [{', '.join(weights)}] <- {' + '.join(n.op for n in replaced)}"
+        self.artifacts.setdefault("fusion", []).append(line)

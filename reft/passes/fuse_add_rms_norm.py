@@ -23,5 +23,5 @@ def fuse_add_rms_norm(graph: Graph, ctx: PassContext) -> Graph:
         fused = make("add_rms_norm", [x, r, norm.inputs[1]], eps=norm.attrs["eps"])
         replace(graph, fused, add, [(add.out, fused.outputs[0]), (norm.out, fused.outputs[1])], [add, norm])
         uses = Uses(graph)
-        ctx.count("fused")
+        ctx.fused(fused, [add, norm])
     return graph

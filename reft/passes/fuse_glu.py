@@ -28,5 +28,5 @@ def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
         fused = make("linear_glu", list(lin.inputs), act=act.op)
         replace(graph, fused, lin, [(mul.out, fused.out)], [lin, split, act, mul])
         uses = Uses(graph)
-        ctx.count(f"fused_{act.op}")
+        ctx.fused(fused, [lin, split, act, mul], f"fused_{act.op}")
     return graph

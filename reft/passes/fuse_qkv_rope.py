@@ -57,5 +57,5 @@ def fuse_qkv_rope(graph: Graph, ctx: PassContext) -> Graph:
         q, k, v = fused.outputs
         replace(graph, fused, lin, [(rq.out, q), (rk.out, k), (vv.out, v)], chain)
         uses = Uses(graph)
-        ctx.count("fused")
+        ctx.fused(fused, chain)
     return graph

@@ -6,6 +6,7 @@ preceded by `000_input.ir`, and the final graph is drawn as `final.dot`.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,15 @@ class PassManager:
             self._dump(i, name, graph)
         if self.dump_dir:
             write_dot(graph, self.dump_dir / "final.dot")
+            self._reports(ctx)
         return graph
+
+    def _reports(self, ctx: PassContext) -> None:
+        """fusion.txt: every fused kernel and the ops it replaced; memory.json: the memory plan."""
+        if ctx.artifacts.get("fusion"):
+            (self.dump_dir / "fusion.txt").write_text("\n".join(ctx.artifacts["fusion"]) + "\n")
+        if ctx.artifacts.get("memory"):
+            (self.dump_dir / "memory.json").write_text(json.dumps(ctx.artifacts["memory"], indent=1) + "\n")
 
     def _dump(self, i: int, name: str, graph: Graph) -> None:
         if self.dump_dir:

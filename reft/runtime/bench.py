@@ -27,6 +27,8 @@ class BenchResult:
     stddev: float
     runs: list
     peak_rss_bytes: int
+    kv_cache_bytes: int = 0
+    load_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +67,11 @@ def time_generation(engine: Engine, n: int) -> float:
         seq.release()
 
 
-def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int) -> list[BenchResult]:
+def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int,
+          load_s: float = 0.0) -> list[BenchResult]:
+    """llama-bench's ppN / tgN tests; `load_s` (how long Engine.load took) is reported alongside."""
     m = engine.plan.manifest
+    kv = sum(a.nbytes for a in engine.pool.arrays.values())
     name = f"{m['model']['architecture']} {m['dtypes']['weights']}"
     out = []
     tests = ([(f"pp{prompt}", prompt, time_prompt)] if prompt else []) + ([(f"tg{gen}", gen, time_generation)] if gen else [])
@@ -74,7 +79,7 @@ def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int)
         fn(engine, n)  # warm-up
         rates = [n / fn(engine, n) for _ in range(repetitions)]
         out.append(BenchResult(name, int(m["weights"]["bytes"]), int(m["model"]["params"]), m["backend"]["name"],
-                               threads, test, float(np.mean(rates)), float(np.std(rates)), rates, peak_rss()))
+                               threads, test, float(np.mean(rates)), float(np.std(rates)), rates, peak_rss(), kv, load_s))
     return out
 
 
@@ -84,5 +89,7 @@ def format_table(results: list[BenchResult]) -> str:
         rows.append(f"| {r.model} | {r.size_bytes / 2**20:.2f} MiB | {r.params / 1e6:.2f} M | {r.backend} | {r.threads}"
                     f" | {r.test} | {r.tokens_per_s:.2f} ± {r.stddev:.2f} |")
     if results:
-        rows.append(f"\npeak RSS {results[-1].peak_rss_bytes / 2**20:.0f} MiB")
+        r = results[-1]
+        rows.append(f"\npeak RSS {r.peak_rss_bytes / 2**20:.0f} MiB (weights {r.size_bytes / 2**20:.0f} MiB,"
+                    f" KV cache {r.kv_cache_bytes / 2**20:.0f} MiB), plan load {r.load_s:.2f} s")
     return "\n".join(rows)

@@ -28,6 +28,11 @@ def test_compile_by_bundled_name_with_dump(tmp_path, stories_reference):
     for f in dump.glob("*.ir"):  # every dump parses back into a valid graph
         verify(parse_graph(f.read_text()))
     assert (dump / "final.dot").read_text().startswith("digraph")
+    fusion = (dump / "fusion.txt").read_text().splitlines()   # 5 layers
+    kinds = [line.split(": ")[1].split(" [")[0] for line in fusion]
+    assert (kinds.count("qkv_rope"), kinds.count("linear_glu"), kinds.count("add_rms_norm")) == (5, 5, 9)  # the final norm reads only the logit rows
+    assert any("layers.0." in line and line.endswith("<- linear + split + silu + mul") for line in fusion)
+    assert set(json.loads((dump / "memory.json").read_text())) >= {"1", "512"}
     m = json.loads((out / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["model"]["architecture"] == "LlamaForCausalLM"
     assert m["kv_cache"]["num_layers"] == 5 and m["kv_cache"]["page_size"] == 16
