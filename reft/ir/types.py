@@ -34,11 +34,35 @@ DTYPES: dict[str, np.dtype] = {
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 INT_DTYPES = frozenset({"int32", "int64", "uint8"})
 
+# Quantized weight dtypes: a value of logical shape [N, K] is stored as raw bytes, uint8[N, row_bytes],
+# each row a run of blocks (reft/ir/quantized.py gives their meaning). name -> (values, bytes) per block;
+# "int8" (reft's per-channel format) is one block per row: a float32 scale, then K int8 codes.
+QUANT_DTYPES: dict[str, tuple[int, int]] = {
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+    "int8": (0, 4), "int4_g32": (32, 20), "int4_g64": (64, 36), "int4_g128": (128, 68),
+}
+
 _SYM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def np_dtype(name: str) -> np.dtype:
-    return DTYPES[name]
+    """numpy dtype of a value's storage (uint8 bytes for quantized dtypes)."""
+    return np.dtype(np.uint8) if name in QUANT_DTYPES else DTYPES[name]
+
+
+def is_quantized(dtype: str) -> bool:
+    return dtype in QUANT_DTYPES
+
+
+def row_bytes(dtype: str, k: int) -> int:
+    """Bytes of one row of k values in a quantized dtype."""
+    bv, bb = QUANT_DTYPES[dtype]
+    if bv == 0:
+        return bb + k
+    if k % bv:
+        raise TypeError(f"{dtype} needs rows of a multiple of {bv} values, got {k}")
+    return k // bv * bb
 
 
 def dtype_name(dt) -> str:
@@ -59,11 +83,25 @@ class TensorType:
     dtype: str
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES and self.dtype not in QUANT_DTYPES:
             raise TypeError(f"unknown dtype {self.dtype!r}")
         for d in self.shape:
             if isinstance(d, bool) or not (isinstance(d, int) and d >= 0 or isinstance(d, str) and _SYM.match(d)):
                 raise TypeError(f"bad dim {d!r} in shape {self.shape}")
+        if self.dtype in QUANT_DTYPES:
+            if len(self.shape) != 2 or not isinstance(self.shape[1], int):
+                raise TypeError(f"a {self.dtype} value must be a matrix [N, K] with static K, got {self.shape}")
+            row_bytes(self.dtype, self.shape[1])
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANT_DTYPES
+
+    def storage_shape(self) -> tuple:
+        """Shape of the stored array: the logical shape, or uint8[N, row_bytes] when quantized."""
+        if self.dtype in QUANT_DTYPES:
+            return (self.shape[0], row_bytes(self.dtype, self.shape[1]))
+        return self.shape
 
     @property
     def rank(self) -> int:
@@ -79,6 +117,8 @@ class TensorType:
         return int(np.prod(self.shape, dtype=np.int64))
 
     def nbytes(self) -> int:
+        if self.dtype in QUANT_DTYPES:
+            return TensorType(self.storage_shape(), "uint8").numel()
         return self.numel() * itemsize(self.dtype)
 
     def __str__(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import ops
 from .graph import Graph
+from .ops.registry import QUANTIZED_WEIGHT_INPUT
 
 
 class VerifyError(Exception):
@@ -22,6 +23,12 @@ def verify(graph: Graph) -> None:
         for j, v in enumerate(n.outputs):
             if v.node is not n or v.index != j:
                 raise VerifyError(f"{where}: output {j} does not point back at its node")
+        for j, v in enumerate(n.inputs):
+            if v.type.quantized and QUANTIZED_WEIGHT_INPUT.get(n.op) != j:
+                raise VerifyError(f"{where}: input {j} is quantized ({v.type}); only the weight of"
+                                  f" {', '.join(sorted(QUANTIZED_WEIGHT_INPUT))} may be")
+        if any(v.type.quantized for v in n.outputs) and n.op != "param":
+            raise VerifyError(f"{where}: only weights (param) may be quantized, not {n.op} results")
         d = ops.get(n.op)
         if d.infer is None:  # sources: declared type, unique name per kind
             if not isinstance(n.name, str) or len(n.outputs) != 1 or n.inputs:

@@ -28,11 +28,11 @@ def load(plan, threads: int | None = None) -> CpuExecutable:
 
 
 def compile_graph(graph: Graph, weights: dict, workdir: Path, *, max_tokens: int = 64,
-                  threads: int | None = None) -> CpuExecutable:
+                  threads: int | None = None, target: str | None = None) -> CpuExecutable:
     """Compile and load any graph (tests, tools): weights are given as arrays."""
     from .memory import HostWeights
 
-    record = compile_plan(graph, Path(workdir), max_tokens=max_tokens)
+    record = compile_plan(graph, Path(workdir), max_tokens=max_tokens, target=target)
     lib = Path(workdir) / Path(record["kernel"]["library"]).name
     weights = {k: pack(v) if k in record["layouts"] else v for k, v in weights.items()}
     return CpuExecutable(graph, record, lib, HostWeights.from_arrays(weights), max_tokens, threads)

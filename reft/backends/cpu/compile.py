@@ -19,7 +19,7 @@ from ...errors import ReftError
 from .lower import Lowered
 
 TEMPLATES = Path(__file__).parent / "templates"
-HEADERS = ["common.h", "linear.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]
+HEADERS = ["common.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]
 TARGETS = {  # name -> (compiler flags, CPU flags the host must have)
     "avx512": (["-march=x86-64-v4"], ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")),
     "avx2": (["-march=x86-64-v3"], ("avx2", "f16c", "fma")),

@@ -17,6 +17,9 @@ from ...ir.ops.nn import rope_inv_freq
 from ...passes.plan_memory import MemoryPlan, plan_memory
 
 CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
+# quantized weight dtypes -> the format tag types of templates/quant.h
+CTYPE.update({q: f"{q}_t" for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")})
+CTYPE.update({"int8": "int8_t_", "int4_g32": "int4_t_<32>", "int4_g64": "int4_t_<64>", "int4_g128": "int4_t_<128>"})
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
 GEMV_MAX_T, GEMM_CHUNK, RB = 4, 256, 8      # keep in step with templates/linear.h
 # consumers that read a weight matrix in the packed layout: op -> index of the weight input
@@ -91,6 +94,9 @@ class Lowering:
         return v.node.op == "param" and self.layouts.get(v.node.name) == PACKED
 
     def require_packed(self, n: Node, v: Value) -> None:
+        """Float weight matrices are read packed; quantized ones in their own block rows."""
+        if v.type.quantized and v.node.op == "param":
+            return
         if not self.packed(v):
             raise Unsupported(f"cpu backend: {n.op} needs its weight as a packable graph weight")
 

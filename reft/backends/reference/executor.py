@@ -10,6 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from ...ir import Graph, ops
+from ...ir.quantized import QTensor
 from ...ir.types import np_dtype, unify
 
 
@@ -19,6 +20,7 @@ class ReferenceExecutor:
     def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray]):
         self.graph = graph
         self.weights = weights
+        self._quantized: dict[str, QTensor] = {}   # dequantized once, on first use
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[int, np.ndarray] = {}
@@ -26,6 +28,11 @@ class ReferenceExecutor:
         for n in self.graph.nodes:
             if n.op == "input":
                 env[id(n.out)] = check_feed(n.name, n.out.type, feeds, sizes)
+                continue
+            if n.op == "param" and n.out.type.quantized:
+                if n.name not in self._quantized:
+                    self._quantized[n.name] = QTensor(np.asarray(self.weights[n.name]), n.out.type)
+                env[id(n.out)] = self._quantized[n.name]
                 continue
             if n.op == "param":
                 w = self.weights[n.name]

@@ -6,14 +6,15 @@ import math
 import numpy as np
 
 from ..types import FLOAT_DTYPES, TensorType, np_dtype
-from .registry import CONTRACTION, REDUCTION, check, f32, is_float, op
+from ..quantized import QTensor
+from .registry import CONTRACTION, REDUCTION, check, f32, is_float, is_weight, op
 
 
 # -- embedding(ids[T], table[V, D]) -> [T, D] in `dtype`
 def _embedding_infer(ts, a):
     ids, table = ts
     check(ids.dtype in ("int32", "int64") and ids.rank == 1, f"embedding: ids must be int[T], got {ids}")
-    check(table.rank == 2 and is_float(table), f"embedding: table must be float[V, D], got {table}")
+    check(table.rank == 2 and is_weight(table), f"embedding: table must be float[V, D] or quantized, got {table}")
     check(a["dtype"] in FLOAT_DTYPES, f"embedding: dtype must be a float type, got {a['dtype']}")
     return [TensorType((ids.shape[0], table.shape[1]), a["dtype"])]
 
@@ -22,7 +23,8 @@ def _embedding_ref(xs, a):
     ids, table = xs
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise IndexError(f"embedding: token id out of range [0, {table.shape[0]})")
-    return [f32(table[ids]).astype(np_dtype(a["dtype"]))]
+    rows = table.take(ids) if isinstance(table, QTensor) else f32(table[ids])
+    return [rows.astype(np_dtype(a["dtype"]))]
 
 
 op("embedding", infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dtype",),
@@ -32,7 +34,7 @@ op("embedding", infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dty
 # -- linear(x[..., K], w[N, K], b[N]?) -> [..., N] in x's dtype (weights stay in checkpoint layout)
 def _linear_infer(ts, a):
     x, w = ts[0], ts[1]
-    check(is_float(x) and is_float(w), f"linear: float inputs required, got {x.dtype}, {w.dtype}")
+    check(is_float(x) and is_weight(w), f"linear: float inputs required, got {x.dtype}, {w.dtype}")
     check(w.rank == 2 and x.rank >= 1, f"linear: weight must be [N, K], got {w}")
     check(x.shape[-1] == w.shape[1], f"linear: x {x} and weight {w} disagree on K")
     if len(ts) == 3:

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..types import TensorType
+from ..quantized import QTensor
+from ..types import QUANT_DTYPES, TensorType
 
 # op families, read by passes
 ELEMENTWISE = "elementwise"   # output[i] depends only on inputs[i] (after broadcasting)
@@ -90,7 +91,9 @@ def infer_types(op: str, in_types: list[TensorType], attrs: dict[str, Any]) -> l
 # -- helpers shared by the op files ------------------------------------------------
 
 def f32(a: np.ndarray) -> np.ndarray:
-    """Reference compute happens in float32."""
+    """Reference compute happens in float32 (quantized weights are dequantized)."""
+    if isinstance(a, QTensor):
+        return a.dequantize()
     return a if a.dtype == np.float32 else a.astype(np.float32)
 
 
@@ -101,6 +104,15 @@ def check(cond: bool, msg: str) -> None:
 
 def is_float(t: TensorType) -> bool:
     return t.dtype in ("float32", "float16", "bfloat16")
+
+
+def is_weight(t: TensorType) -> bool:
+    """A weight matrix operand: float, or quantized (only weight-reading ops accept those)."""
+    return is_float(t) or t.dtype in QUANT_DTYPES
+
+
+# op -> index of the input that may be a quantized weight (verify rejects quantized values elsewhere)
+QUANTIZED_WEIGHT_INPUT = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
 
 
 def broadcast_shapes(op: str, a, b):

@@ -29,6 +29,13 @@ template <> inline bf16 st<bf16>(float f) {
 template <> inline int32_t st<int32_t>(float f) { return (int32_t)f; }
 template <> inline int64_t st<int64_t>(float f) { return (int64_t)f; }
 
+// Quantized weight formats are tag types (quant.h) read by their own kernels
+template <typename T> struct is_quant { static constexpr bool value = false; };
+template <typename QT>
+static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* W, int64_t r0, int64_t r1, float* y,
+                         int64_t ldy, float* scratch);
+template <typename QT, typename OT> static void qembedding_row(const QT* table, int64_t v, int64_t D, OT* out);
+
 // [lo, hi) of `n` items for thread ith of nth, in multiples of `quantum` items
 static inline void split_range(int64_t n, int ith, int nth, int64_t quantum, int64_t* lo, int64_t* hi) {
     int64_t blocks = (n + quantum - 1) / quantum;

@@ -92,10 +92,14 @@ static const float* rows_f32(const WT* W, int64_t K, int64_t r0, int64_t n, floa
 template <typename WT>
 static void matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
                         int64_t ldy, float* scratch) {
-    if (T <= GEMV_MAX_T) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
-    for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
-        int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
-        gemm_f32(x, T, K, rows_f32<WT>(W, K, c, n, scratch), n, y + (c - r0), ldy);
+    if constexpr (is_quant<WT>::value) {   // block-quantized weights: quant.h
+        qmatmul_rows<WT>(x, T, K, W, r0, r1, y, ldy, scratch);
+    } else {
+        if (T <= GEMV_MAX_T) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
+        for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
+            int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
+            gemm_f32(x, T, K, rows_f32<WT>(W, K, c, n, scratch), n, y + (c - r0), ldy);
+        }
     }
 }
 

@@ -1,15 +1,20 @@
 // ---- rows.h: row-wise kernels: embedding gather, row selection, RMSNorm (+ residual), softmax,
 // standalone rotary embedding. Threads split the rows.
 
-// PACKED: the table is stored in the packed layout of linear.h (shared with a tied LM head)
+// PACKED: the table is stored in the packed layout of linear.h (shared with a tied LM head);
+// a quantized table (quant.h) is read in its block rows
 template <typename WT, typename OT, typename IT, bool PACKED>
 static void k_embedding(int ith, int nth, const IT* ids, int64_t T, const WT* table, int64_t D, OT* out) {
     int64_t t0, t1;
     split_range(T, ith, nth, 1, &t0, &t1);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t v = (int64_t)ids[t];
-        for (int64_t i = 0; i < D; i++)
-            out[t * D + i] = st<OT>(ld(PACKED ? *packed_at(table, D, v, i) : table[v * D + i]));
+        if constexpr (is_quant<WT>::value) {
+            qembedding_row<WT, OT>(table, v, D, out + t * D);
+        } else {
+            for (int64_t i = 0; i < D; i++)
+                out[t * D + i] = st<OT>(ld(PACKED ? *packed_at(table, D, v, i) : table[v * D + i]));
+        }
     }
 }
 

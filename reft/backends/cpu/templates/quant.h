@@ -1,0 +1,330 @@
+// ---- quant.h: matmuls and embedding lookups on block-quantized weights ------------------------
+// A quantized weight [N, K] is N rows of raw blocks, exactly as reft/ir/quantized.py describes
+// (GGUF's bytes for llama.cpp types). Every format is read 32 values at a time: QF<T>::block()
+// decodes sub-block j of a row into a Blk32 (32 int8 codes, a scale per 16 values, one offset),
+// w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once: the codes are widened to float32 in
+// registers and multiplied with up to 4 token rows of x (sum of m * x comes from per-block sums of
+// x computed once per call). Prompt batches dequantize chunks of rows to float32 for the sgemm.
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+struct q8_0_t {}; struct q4_0_t {}; struct q4_1_t {}; struct q5_0_t {}; struct q5_1_t {};
+struct q4_k_t {}; struct q5_k_t {}; struct q6_k_t {};
+struct int8_t_ {}; template <int G> struct int4_t_ {};
+template <> struct is_quant<q8_0_t> { static constexpr bool value = true; };
+template <> struct is_quant<q4_0_t> { static constexpr bool value = true; };
+template <> struct is_quant<q4_1_t> { static constexpr bool value = true; };
+template <> struct is_quant<q5_0_t> { static constexpr bool value = true; };
+template <> struct is_quant<q5_1_t> { static constexpr bool value = true; };
+template <> struct is_quant<q4_k_t> { static constexpr bool value = true; };
+template <> struct is_quant<q5_k_t> { static constexpr bool value = true; };
+template <> struct is_quant<q6_k_t> { static constexpr bool value = true; };
+template <> struct is_quant<int8_t_> { static constexpr bool value = true; };
+template <int G> struct is_quant<int4_t_<G>> { static constexpr bool value = true; };
+
+struct Blk32 {
+#if defined(__AVX2__)
+    __m256i q;          // 32 signed codes
+#else
+    int8_t q[32];
+#endif
+    float s0, s1, m;    // scale of values 0-15, of values 16-31; offset of all 32
+};
+
+static inline float h2f(const uint8_t* p) { f16 h; memcpy(&h, p, 2); return (float)h; }
+
+// -- code unpacking: 16 bytes of nibbles -> 32 codes (low nibbles are values 0-15, high 16-31);
+//    `bits` = a 32-bit mask whose bit i is 16 added to code i; `sub` is subtracted from every code
+#if defined(__AVX2__)
+static inline __m256i nib32(const uint8_t* p) {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    __m256i b = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+// byte i = 0x10 where bit i of `bits` is set
+static inline __m256i bit16x32(uint32_t bits) {
+    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), sel);
+    const __m256i m = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, m), m), _mm256_set1_epi8(0x10));
+}
+#endif
+
+static inline void codes_nib(Blk32& b, const uint8_t* p, uint32_t bits, int sub) {
+#if defined(__AVX2__)
+    __m256i q = nib32(p);
+    if (bits) q = _mm256_or_si256(q, bit16x32(bits));
+    b.q = _mm256_sub_epi8(q, _mm256_set1_epi8((char)sub));
+#else
+    for (int i = 0; i < 16; i++) {
+        b.q[i] = (int8_t)(((p[i] & 15) | (((bits >> i) & 1) << 4)) - sub);
+        b.q[i + 16] = (int8_t)(((p[i] >> 4) | (((bits >> (i + 16)) & 1) << 4)) - sub);
+    }
+#endif
+}
+
+static inline void codes_i8(Blk32& b, const uint8_t* p) {
+#if defined(__AVX2__)
+    b.q = _mm256_loadu_si256((const __m256i*)p);
+#else
+    memcpy(b.q, p, 32);
+#endif
+}
+
+static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+// -- the formats: row_bytes(K) and block(row, j, out) for the j-th 32 values of a row ----------
+template <typename QT> struct QF;
+
+template <> struct QF<q8_0_t> {
+    static int64_t row_bytes(int64_t K) { return K / 32 * 34; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + j * 34;
+        b.s0 = b.s1 = h2f(p); b.m = 0.f;
+        codes_i8(b, p + 2);
+    }
+};
+template <> struct QF<q4_0_t> {
+    static int64_t row_bytes(int64_t K) { return K / 32 * 18; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + j * 18;
+        b.s0 = b.s1 = h2f(p); b.m = 0.f;
+        codes_nib(b, p + 2, 0, 8);
+    }
+};
+template <> struct QF<q4_1_t> {
+    static int64_t row_bytes(int64_t K) { return K / 32 * 20; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + j * 20;
+        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
+        codes_nib(b, p + 4, 0, 0);
+    }
+};
+template <> struct QF<q5_0_t> {
+    static int64_t row_bytes(int64_t K) { return K / 32 * 22; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + j * 22;
+        b.s0 = b.s1 = h2f(p); b.m = 0.f;
+        codes_nib(b, p + 6, u32_at(p + 2), 16);
+    }
+};
+template <> struct QF<q5_1_t> {
+    static int64_t row_bytes(int64_t K) { return K / 32 * 24; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + j * 24;
+        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
+        codes_nib(b, p + 8, u32_at(p + 4), 0);
+    }
+};
+
+// K-quants: super-blocks of 256 values; sub-block j % 8 of super-block j / 8
+// 6-bit scale and min of sub-block s from the 12 packed bytes (see reft/quant/kquants.py)
+static inline void kq_scale_min(const uint8_t* s, int sb, int* sc, int* mn) {
+    if (sb < 4) { *sc = s[sb] & 63; *mn = s[sb + 4] & 63; }
+    else { *sc = (s[sb + 4] & 15) | ((s[sb - 4] >> 6) << 4); *mn = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4); }
+}
+
+// 32 codes: the low (hi = 0) or high (hi = 1) nibbles of 32 bytes, plus 16 where bit `bit` of qh[i] is set
+static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh, int bit) {
+#if defined(__AVX2__)
+    __m256i v = _mm256_loadu_si256((const __m256i*)q);
+    if (hi) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    if (qh) {
+        const __m256i m = _mm256_set1_epi8((char)(1 << bit));
+        __m256i h = _mm256_loadu_si256((const __m256i*)qh);
+        v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(0x10)));
+    }
+    b.q = v;
+#else
+    for (int i = 0; i < 32; i++)
+        b.q[i] = (int8_t)(((hi ? q[i] >> 4 : q[i]) & 15) | (qh ? ((qh[i] >> bit) & 1) << 4 : 0));
+#endif
+}
+
+template <> struct QF<q4_k_t> {
+    static int64_t row_bytes(int64_t K) { return K / 256 * 144; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + (j >> 3) * 144;
+        const int sb = (int)(j & 7);
+        int sc, mn;
+        kq_scale_min(p + 4, sb, &sc, &mn);
+        b.s0 = b.s1 = h2f(p) * (float)sc; b.m = -(h2f(p + 2) * (float)mn);
+        codes_k(b, p + 16 + 32 * (sb >> 1), sb & 1, 0, 0);
+    }
+};
+template <> struct QF<q5_k_t> {
+    static int64_t row_bytes(int64_t K) { return K / 256 * 176; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + (j >> 3) * 176;
+        const int sb = (int)(j & 7);
+        int sc, mn;
+        kq_scale_min(p + 4, sb, &sc, &mn);
+        b.s0 = b.s1 = h2f(p) * (float)sc; b.m = -(h2f(p + 2) * (float)mn);
+        codes_k(b, p + 48 + 32 * (sb >> 1), sb & 1, p + 16, sb);
+    }
+};
+template <> struct QF<q6_k_t> {
+    static int64_t row_bytes(int64_t K) { return K / 256 * 210; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + (j >> 3) * 210;
+        const int h = (int)((j >> 2) & 1), i = (int)(j & 3);       // half of 128 values, quarter of it
+        const uint8_t* ql = p + 64 * h + 32 * (i & 1);              // low nibbles (i < 2) or high (i >= 2)
+        const uint8_t* qh = p + 128 + 32 * h;                       // 2-bit high parts at bits 2i, 2i + 1
+        const float d = h2f(p + 208);
+        const int8_t* sc = (const int8_t*)(p + 192 + 8 * h + 2 * i);
+        b.s0 = d * (float)sc[0]; b.s1 = d * (float)sc[1]; b.m = 0.f;
+#if defined(__AVX2__)
+        __m256i lo = _mm256_loadu_si256((const __m256i*)ql);
+        if (i >= 2) lo = _mm256_srli_epi16(lo, 4);
+        lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+        __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)qh), _mm_cvtsi32_si128(2 * i));
+        hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+        b.q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+#else
+        for (int l = 0; l < 32; l++)
+            b.q[l] = (int8_t)((((i >= 2 ? ql[l] >> 4 : ql[l]) & 15) | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
+#endif
+    }
+};
+
+// reft's formats: int8 rows are [float32 scale][K int8]; int4 groups of G are [f16 scale][f16 min][G/2 nibbles]
+template <> struct QF<int8_t_> {
+    static int64_t row_bytes(int64_t K) { return K + 4; }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        float s; memcpy(&s, r, 4);
+        b.s0 = b.s1 = s; b.m = 0.f;
+        codes_i8(b, r + 4 + 32 * j);
+    }
+};
+template <int G> struct QF<int4_t_<G>> {
+    static int64_t row_bytes(int64_t K) { return K / G * (4 + G / 2); }
+    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+        const uint8_t* p = r + (j / (G / 32)) * (4 + G / 2);
+        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
+        codes_nib(b, p + 4 + 16 * (j % (G / 32)), 0, 0);
+    }
+};
+
+// -- kernels ---------------------------------------------------------------------------------
+// xs[t * NB + j] = sum of x[t, 32j : 32j + 32]
+static void block_sums(const float* x, int64_t T, int64_t K, float* xs) {
+    const int64_t NB = K / 32;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < NB; j++) {
+            float s = 0.f;
+            for (int i = 0; i < 32; i++) s += x[t * K + 32 * j + i];
+            xs[t * NB + j] = s;
+        }
+}
+
+#if defined(__AVX2__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// y[t, row - r0] (ldy) = x[t] . W[row] for rows [r0, r1), TB token rows
+template <typename QT, int TB>
+static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t* wr = W + row * RBY;
+        float ms[TB];
+        for (int t = 0; t < TB; t++) ms[t] = 0.f;
+#if defined(__AVX2__)
+        __m256 acc[TB];
+        for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < NB; j++) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            __m128i lo = _mm256_castsi256_si128(b.q), hi = _mm256_extracti128_si256(b.q, 1);
+            __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+            __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            const __m256 s0 = _mm256_set1_ps(b.s0), s1 = _mm256_set1_ps(b.s1);
+            for (int t = 0; t < TB; t++) {
+                const float* xp = x + t * K + 32 * j;
+                __m256 a = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xp)));
+                __m256 c = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp + 24), _mm256_mul_ps(q2, _mm256_loadu_ps(xp + 16)));
+                acc[t] = _mm256_fmadd_ps(c, s1, _mm256_fmadd_ps(a, s0, acc[t]));
+                ms[t] += b.m * xs[t * NB + j];
+            }
+        }
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + ms[t];
+#else
+        float acc[TB];
+        for (int t = 0; t < TB; t++) acc[t] = 0.f;
+        for (int64_t j = 0; j < NB; j++) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            for (int t = 0; t < TB; t++) {
+                const float* xp = x + t * K + 32 * j;
+                float a = 0.f, c = 0.f;
+                for (int i = 0; i < 16; i++) { a += (float)b.q[i] * xp[i]; c += (float)b.q[i + 16] * xp[i + 16]; }
+                acc[t] += a * b.s0 + c * b.s1;
+                ms[t] += b.m * xs[t * NB + j];
+            }
+        }
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = acc[t] + ms[t];
+#endif
+    }
+}
+
+// out[0:K] = row of W as float32
+template <typename QT>
+static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
+    for (int64_t j = 0; j < K / 32; j++) {
+        Blk32 b;
+        QF<QT>::block(wr, j, b);
+        float* o = out + 32 * j;
+#if defined(__AVX2__)
+        __m128i lo = _mm256_castsi256_si128(b.q), hi = _mm256_extracti128_si256(b.q, 1);
+        const __m256 s0 = _mm256_set1_ps(b.s0), s1 = _mm256_set1_ps(b.s1), m = _mm256_set1_ps(b.m);
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s0, m));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s0, m));
+        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1, m));
+        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1, m));
+#else
+        for (int i = 0; i < 32; i++) o[i] = (float)b.q[i] * (i < 16 ? b.s0 : b.s1) + b.m;
+#endif
+    }
+}
+
+// y[:, 0 : r1 - r0] = x . W[r0:r1]^T: GEMV for decode batches, dequantized chunks + sgemm otherwise.
+// scratch holds T * K / 32 block sums (GEMV) or GEMM_CHUNK * K floats (GEMM).
+template <typename QT>
+static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int64_t r0, int64_t r1, float* y,
+                         int64_t ldy, float* scratch) {
+    const uint8_t* W = (const uint8_t*)Wq;
+    if (T <= GEMV_MAX_T) {
+        block_sums(x, T, K, scratch);
+        switch (T) {
+            case 1: qgemv<QT, 1>(x, scratch, K, W, r0, r1, y, ldy); break;
+            case 2: qgemv<QT, 2>(x, scratch, K, W, r0, r1, y, ldy); break;
+            case 3: qgemv<QT, 3>(x, scratch, K, W, r0, r1, y, ldy); break;
+            default: qgemv<QT, 4>(x, scratch, K, W, r0, r1, y, ldy); break;
+        }
+        return;
+    }
+    const int64_t RBY = QF<QT>::row_bytes(K);
+    for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
+        int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
+        for (int64_t i = 0; i < n; i++) qrow_f32<QT>(W + (c + i) * RBY, K, scratch + i * K);
+        gemm_f32(x, T, K, scratch, n, y + (c - r0), ldy);
+    }
+}
+
+// embedding rows of a quantized table
+template <typename QT, typename OT>
+static void qembedding_row(const QT* table, int64_t v, int64_t D, OT* out) {
+    float buf[D];
+    qrow_f32<QT>((const uint8_t*)table + v * QF<QT>::row_bytes(D), D, buf);
+    for (int64_t i = 0; i < D; i++) out[i] = st<OT>(buf[i]);
+}
