@@ -8,6 +8,7 @@ Notable:
 - Parameter names are the Hugging Face checkpoint names, verbatim. Fusing q/k/v and
   gate/up is a compile-time pass, not something the model writes.
 - Tied embeddings reuse `model.embed_tokens.weight` as the LM head.
+- GGUF files (llama.cpp) map onto the same names through the GGUF_TENSORS table.
 - Options the relatives need are config fields: q/k/v(/o) bias (Qwen2), per-head q/k
   RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2/3 `layer_types`).
 """
@@ -16,6 +17,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ARCHITECTURES = ("LlamaForCausalLM",)
+
+# llama.cpp's GGUF names -> this family's weight names ({i}: layer index). A file holds the subset its
+# model uses (biases for Qwen2, q/k norms for Qwen3; no output.weight when embeddings are tied).
+GGUF_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# GGUF `general.architecture` -> the HF architecture this module builds for it
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+# llama.cpp's converter reorders the rows of each q/k head for its interleaved rotary layout
+# (pairs (2j, 2j+1) instead of (j, j + D/2)); reading a file undoes it for these weights.
+GGUF_ROPE_PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 ROPE_TYPES = ("default", "linear", "llama3")

@@ -6,9 +6,12 @@ Notable: q/k/v carry a bias, o_proj does not; sliding-window layers come from `l
 from __future__ import annotations
 
 from .llama import Config as LlamaConfig
-from .llama import build, sliding_windows  # noqa: F401  (same graph as Llama)
+from .llama import GGUF_TENSORS, build, sliding_windows  # noqa: F401  (same graph as Llama)
 
 ARCHITECTURES = ("Qwen2ForCausalLM",)
+# GGUF files: same tensor names as Llama; llama.cpp keeps this family's q/k rows as they are
+GGUF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM"}
+GGUF_ROPE_PERMUTED = ()
 
 
 class Config(LlamaConfig):

@@ -6,9 +6,12 @@ usually differs from hidden_size / num_attention_heads.
 from __future__ import annotations
 
 from .llama import Config as LlamaConfig
-from .llama import build, sliding_windows  # noqa: F401  (same graph as Llama)
+from .llama import GGUF_TENSORS, build, sliding_windows  # noqa: F401  (same graph as Llama)
 
 ARCHITECTURES = ("Qwen3ForCausalLM",)
+# GGUF files: same tensor names as Llama; llama.cpp keeps this family's q/k rows as they are
+GGUF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM"}
+GGUF_ROPE_PERMUTED = ()
 
 
 class Config(LlamaConfig):

@@ -102,24 +102,27 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
         raise ReftError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not model.exists():
         raise ModelError(f"{model}: no such model directory (bundled models: {', '.join(bundled_models())})")
-    if model.is_file():
-        raise ModelError(f"{model}: expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
-    hf = load_hf_config(model)
-    family = find_family(hf.get("architectures"), model_def)
+    gguf = _open_gguf(model, model_def) if model.is_file() and model.suffix == ".gguf" else None
+    if model.is_file() and gguf is None:
+        raise ModelError(f"{model}: expected a Hugging Face model directory (config.json, *.safetensors,"
+                         " tokenizer.json) or a .gguf file")
+    hf = gguf.hf_config if gguf else load_hf_config(model)
+    family = gguf.family if gguf else find_family(hf.get("architectures"), model_def)
+    where = model if gguf else model / "config.json"
     try:
         cfg = family.Config.from_hf(hf)
     except KeyError as e:
-        raise ModelError(f"{model / 'config.json'}: missing key {e}") from None
+        raise ModelError(f"{where}: missing key {e}") from None
     except (ValueError, TypeError) as e:
-        raise ModelError(f"{model / 'config.json'}: {e}") from None
-    source = Path(model_def) if model_def else model / "config.json"
+        raise ModelError(f"{where}: {e}") from None
+    source = Path(model_def) if model_def else where
     try:
         graph = build_graph(family, cfg)
     except (TypeError, ValueError, KeyError) as e:
         raise ModelError(f"{source}: building the graph failed: {e}") from None
-    weights = open_weights(model)
+    weights = gguf.weights if gguf else open_weights(model)
     n_params = bind_weights(graph, weights, str(model))
-    tokenizer = Tokenizer.from_dir(model, hf)
+    tokenizer = gguf.tokenizer if gguf else Tokenizer.from_dir(model, hf)
 
     ctx = PassContext(WeightStore(weights), options={"weight_dtype": dtype, "page_size": page_size,
                                                      "max_batch_tokens": max_batch_tokens})
@@ -145,7 +148,8 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
             "reft_version": __version__,
             "model": {"architecture": _matched_arch(hf, family), "family": family_name(family, model_def),
                       "config": dataclasses.asdict(cfg), "params": n_params, "source": str(model.resolve()),
-                      "model_def": _model_def_record(model_def)},
+                      "model_def": _model_def_record(model_def),
+                      **({"gguf_tensor_types": gguf.source_types} if gguf else {})},
             "context_length": getattr(cfg, "max_position_embeddings", None),
             "vocab_size": getattr(cfg, "vocab_size", None),
             "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
@@ -163,6 +167,14 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
         if dump_dir:
             shutil.copytree(dumps, dump_dir, dirs_exist_ok=True)
     return Path(out)
+
+
+def _open_gguf(model: Path, model_def):
+    """A .gguf file read by reft/frontends/gguf.py (weights dequantized to float when read)."""
+    from .frontends.architectures import load_model_def
+    from .frontends.gguf import open_gguf
+
+    return open_gguf(model, load_model_def(model_def) if model_def else None)
 
 
 def family_name(family, model_def) -> str:

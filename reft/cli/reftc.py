@@ -17,6 +17,7 @@ def main():
     \b
     Quick start:
       reftc compile path/to/hf-model -o plan/     # config.json + *.safetensors + tokenizer.json
+      reftc compile model.gguf -o plan/            # or a llama.cpp GGUF file
       reftc inspect plan/                          # what the compiler did
       reft run plan/ --prompt "Once upon a time"   # generate text
     """
@@ -44,8 +45,9 @@ def main():
 def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens):
     """Compile MODEL into a plan directory.
 
-    MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or the
-    name of a model bundled with reft: `stories260K`.
+    MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a llama.cpp
+    .gguf file (quantized tensors are dequantized to --dtype), or the name of a model bundled
+    with reft: `stories260K`.
     """
     from ..compiler import compile_model
 
@@ -81,6 +83,9 @@ def inspect(plan, as_json):
     click.echo(f"shape       {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, heads"
                f" {cfg.get('num_attention_heads')}/{cfg.get('num_key_value_heads')} kv, head_dim"
                f" {cfg.get('head_dim')}, vocab {m.get('vocab_size')}, context {m.get('context_length')}")
+    if model.get("gguf_tensor_types"):
+        types = ", ".join(f"{n} {t}" for t, n in sorted(model["gguf_tensor_types"].items()))
+        click.echo(f"source      GGUF file with {types} tensors, dequantized to {m['dtypes']['weights']}")
     click.echo(f"backend     {m['backend']['name']} ({m['backend']['target']})")
     click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")
     click.echo(f"weights     {m['weights']['tensors']} tensors, {_human(m['weights']['bytes'])}")

@@ -1,0 +1,207 @@
+"""A .gguf file (llama.cpp) as a model: HF-style config, weights by HF name, tokenizer.
+
+`open_gguf(path)` returns a `GGUFModel` with the three things `reftc compile` needs from any
+model source:
+  hf_config   the normalised config.json dict reft's HF frontend produces (see config.py),
+              from `{arch}.*` metadata; `architectures` is the family's HF name
+  weights     a lazy Mapping (HF weight name -> float array) with `info(name)`, like the
+              safetensors WeightSource
+  tokenizer   from `tokenizer.ggml.*` (gguf_tokenizer.py), chat template included
+
+Notable:
+- Families opt in with three declarations beside their definition (models/llama.py):
+  GGUF_ARCHITECTURES (general.architecture -> HF architecture), GGUF_TENSORS (GGUF name ->
+  weight name, `{i}` = layer) and GGUF_ROPE_PERMUTED (weights whose q/k rows llama.cpp's
+  converter interleaved for its rotary layout; undone here, per head).
+- Quantized tensors are dequantized to float32 when read (F32/F16/BF16 stay zero-copy views);
+  `source_types` records what the file held. Rows are reordered on the raw bytes, so the same
+  unpermute serves a plan that keeps blocks quantized.
+- A file without output.weight ties the LM head to the token embedding, as llama.cpp does.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import ModelError
+from ..quant import dequantize, get_format
+from .architectures import shipped_families
+from .config import normalize_rope
+from .gguf_file import GGUFFile
+from .gguf_tokenizer import tokenizer_from_gguf
+from .tokenizer import Tokenizer
+
+# the GGML types read without conversion: type name -> (IR dtype, numpy dtype)
+_PLAIN = {"F32": ("float32", np.dtype("<f4")), "F16": ("float16", np.dtype("<f2")),
+          "BF16": ("bfloat16", np.dtype(ml_dtypes.bfloat16))}
+# `{arch}.<key>` metadata -> config.json key
+_HPARAMS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+            "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+            "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+            "attention.layer_norm_rms_epsilon": "rms_norm_eps", "attention.key_length": "head_dim",
+            "rope.freq_base": "rope_theta", "attention.sliding_window": "sliding_window"}
+_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base")
+_REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+
+
+@dataclass
+class GGUFModel:
+    path: Path
+    family: ModuleType
+    hf_config: dict
+    weights: GGUFWeights
+    tokenizer: Tokenizer
+
+    @property
+    def source_types(self) -> dict[str, int]:
+        """GGML type name -> number of the model's tensors stored in it."""
+        return self.weights.source_types()
+
+
+def gguf_families() -> dict[str, ModuleType]:
+    """general.architecture -> the shipped family module that reads it."""
+    out: dict[str, ModuleType] = {}
+    for mod in shipped_families().values():
+        for arch in getattr(mod, "GGUF_ARCHITECTURES", {}):
+            out.setdefault(arch, mod)
+    return out
+
+
+def unpermute_rope_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: within each head, rows (2j, 2j+1) go back to (j, j + D/2).
+    `rows` is any array whose first axis holds n_heads * D rows (floats or raw block bytes)."""
+    d = rows.shape[0] // n_heads
+    if d * n_heads != rows.shape[0] or d % 2:
+        raise ModelError(f"cannot undo the rotary row order: {rows.shape[0]} rows for {n_heads} heads")
+    rest = rows.shape[1:]
+    return np.ascontiguousarray(rows.reshape(n_heads, d // 2, 2, *rest).swapaxes(1, 2).reshape(rows.shape))
+
+
+def hf_config_from_gguf(f: GGUFFile, arch: str, family: ModuleType) -> dict:
+    meta = f.metadata
+    missing = [f"{arch}.{k}" for k in _REQUIRED if f"{arch}.{k}" not in meta]
+    if missing:
+        raise ModelError(f"{f.path}: GGUF metadata lacks {', '.join(missing)}")
+    cfg: dict = {"architectures": [family.GGUF_ARCHITECTURES[arch]], "model_type": arch}
+    for key, hf_key in _HPARAMS.items():
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            continue
+        if isinstance(v, (bool, str, list, np.ndarray)) or (key in _FLOATS) != isinstance(v, float):
+            want = "a number" if key in _FLOATS else "an integer"
+            raise ModelError(f"{f.path}: GGUF metadata {arch}.{key} must be {want}, got {v!r}")
+        cfg[hf_key] = v
+    tokens = meta.get("tokenizer.ggml.tokens")
+    embd = f.tensors.get("token_embd.weight")
+    cfg["vocab_size"] = meta.get(f"{arch}.vocab_size") or (embd.shape[0] if embd else len(tokens or ()))
+    cfg["tie_word_embeddings"] = "output.weight" not in f.tensors
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    cfg["mlp_bias"] = "blk.0.ffn_up.bias" in f.tensors
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    cfg["head_dim"] = head_dim
+    rot = meta.get(f"{arch}.rope.dimension_count")
+    if rot and rot != head_dim:
+        cfg["partial_rotary_factor"] = rot / head_dim
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind and kind != "none":
+        cfg["rope_scaling"] = {"rope_type": kind, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+    if "rope_freqs.weight" in f.tensors:
+        raise ModelError(f"{f.path}: per-frequency rotary factors (rope_freqs.weight, Llama 3.1 style) are not"
+                         " supported yet")
+    return normalize_rope(cfg, f.path)
+
+
+class GGUFWeights(Mapping):
+    """HF weight name -> float array, read from the file on access."""
+
+    def __init__(self, f: GGUFFile, family: ModuleType, hf: dict):
+        self.file = f
+        n = hf["num_hidden_layers"]
+        self._names: dict[str, str] = {}  # HF name -> GGUF name
+        for gname, hname in family.GGUF_TENSORS.items():
+            for i in range(n) if "{i}" in gname else [None]:
+                g = gname.format(i=i)
+                if g in f.tensors:
+                    self._names[hname.format(i=i)] = g
+        self._heads: dict[str, int] = {}
+        for hname in self._names:
+            for proj in family.GGUF_ROPE_PERMUTED:
+                if f".{proj}." in f".{hname}":
+                    is_k = proj.endswith("k_proj")
+                    self._heads[hname] = hf["num_key_value_heads" if is_k else "num_attention_heads"]
+
+    def _record(self, name: str):
+        return self.file.tensors[self._names[name]]
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        r = self._record(name)
+        return _PLAIN.get(r.type_name, ("float32",))[0], r.shape
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as rows, uint8[rows, row_bytes], q/k rows back in HF order."""
+        r = self._record(name)
+        data = self.file.raw(self._names[name])
+        one_per_row = len(r.shape) > 1 or get_format(r.ggml_type).block_values == 1
+        rows = data.reshape(r.shape[0] if one_per_row and r.shape else 1, -1)
+        return unpermute_rope_rows(rows, self._heads[name]) if name in self._heads else rows
+
+    def quantized_dtype(self, name: str) -> str | None:
+        """The IR dtype that keeps this tensor's blocks as they are (None for F32/F16/BF16); the
+        compiler then binds it to `raw(name)` instead of the dequantized floats."""
+        from ..ir.quantized import ir_dtype_of_ggml
+
+        r = self._record(name)
+        return ir_dtype_of_ggml(r.type_name) if len(r.shape) == 2 else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        r = self._record(name)
+        raw = self.raw(name)
+        if r.type_name in _PLAIN:
+            return raw.reshape(-1).view(_PLAIN[r.type_name][1]).reshape(r.shape)
+        return dequantize(raw, r.ggml_type, r.shape)
+
+    def check_types(self) -> None:
+        """Fail now, naming the tensor, if the model uses a type reft cannot read (not mid-write)."""
+        for g in self._names.values():
+            self.file.raw(g)
+
+    def source_types(self) -> dict[str, int]:
+        return dict(Counter(self._record(n).type_name for n in self._names))
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_gguf(path: str | Path, family: ModuleType | None = None) -> GGUFModel:
+    """Read a .gguf file's config, weight map and tokenizer (weights stay on disk until read).
+    `family` overrides the shipped families (a --model-def module with GGUF declarations)."""
+    f = GGUFFile(path)
+    arch = f.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError(f"{f.path}: GGUF metadata has no general.architecture")
+    families = gguf_families()
+    if family is not None:
+        if arch not in getattr(family, "GGUF_ARCHITECTURES", {}):
+            raise ModelError(f"{f.path}: the model definition does not declare GGUF_ARCHITECTURES for {arch!r}")
+    elif arch in families:
+        family = families[arch]
+    else:
+        raise ModelError(f"{f.path}: GGUF architecture {arch!r} is not supported (supported:"
+                         f" {', '.join(sorted(families))})")
+    hf = hf_config_from_gguf(f, arch, family)
+    weights = GGUFWeights(f, family, hf)
+    weights.check_types()
+    return GGUFModel(f.path, family, hf, weights, tokenizer_from_gguf(f.metadata, f.path))
