@@ -25,7 +25,7 @@ TARGETS = {  # name -> (compiler flags, CPU flags the host must have)
     "avx2": (["-march=x86-64-v3"], ("avx2", "f16c", "fma")),
     "generic": (["-march=x86-64"], ()),
 }
-FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Wno-vla"]
+FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
 
 
 def cpu_flags() -> set[str]:

@@ -242,9 +242,8 @@ class Lowering:
         x, pos = n.inputs
         a = A(n)
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
-        self.emit("k_rope", [ct(x.dtype), ct(pos.dtype)],
-                  [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), x.shape[1], x.shape[2], a["rotary_dim"], inv,
-                   self.out(n.out)])
+        self.emit("k_rope", [ct(x.dtype), ct(pos.dtype), x.shape[1], x.shape[2], a["rotary_dim"]],
+                  [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), inv, self.out(n.out)])
 
     def op_take_rows(self, n: Node):
         x, rows = n.inputs

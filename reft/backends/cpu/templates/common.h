@@ -1,6 +1,7 @@
 // ---- common.h: dtypes, conversions, work partitioning, vector dot products ----------------
 #include <stdint.h>
 #include <string.h>
+#include <vector>
 #include <math.h>
 #include <omp.h>
 #if defined(__AVX512F__)

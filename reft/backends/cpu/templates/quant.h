@@ -324,7 +324,8 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
 // embedding rows of a quantized table
 template <typename QT, typename OT>
 static void qembedding_row(const QT* table, int64_t v, int64_t D, OT* out) {
-    float buf[D];
+    std::vector<float> row(D);   // not a variable-length array: see k_rope in rows.h
+    float* buf = row.data();
     qrow_f32<QT>((const uint8_t*)table + v * QF<QT>::row_bytes(D), D, buf);
     for (int64_t i = 0; i < D; i++) out[i] = st<OT>(buf[i]);
 }

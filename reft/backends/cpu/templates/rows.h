@@ -69,13 +69,13 @@ static void k_softmax(int ith, int nth, const XT* x, int64_t rows, int64_t D, XT
     }
 }
 
-// x[T, H, D] rotated on its first ROT dims
-template <typename XT, typename IT>
-static void k_rope(int ith, int nth, const XT* x, const IT* pos, int64_t T, int64_t H, int64_t D, int64_t ROT,
-                   const float* inv_freq, XT* y) {
+// x[T, H, D] rotated on its first ROT dims (sizes are template arguments: no variable-length
+// arrays in kernels — GCC 12 -O3 -march=x86-64-v4 miscompiled this loop over a VLA)
+template <typename XT, typename IT, int64_t H, int64_t D, int64_t ROT>
+static void k_rope(int ith, int nth, const XT* x, const IT* pos, int64_t T, const float* inv_freq, XT* y) {
     int64_t t0, t1;
     split_range(T, ith, nth, 1, &t0, &t1);
-    const int64_t half = ROT / 2;
+    constexpr int64_t half = ROT / 2;
     float tab[2 * half > 0 ? 2 * half : 1], h[D > 0 ? D : 1];
     for (int64_t t = t0; t < t1; t++) {
         rope_table<IT>(pos + t, 1, inv_freq, half, tab);
