@@ -26,7 +26,8 @@ def test_wheel_contents(wheel):
               "reft_models/qwen3.py", "reft/assets/stories260K/model.safetensors",
               "reft/assets/stories260K/tokenizer.json", "reft/assets/stories260K/LICENSE",
               "reft/assets/stories260K/PROVENANCE.md", "reft/ir/ops/attention.py",
-              "reft/backends/cpu/templates/forward.cpp.j2", "reft/backends/cpu/templates/linear.h"):
+              "reft/backends/cpu/templates/forward.cpp.j2", "reft/backends/cpu/templates/linear.h",
+              "reft/server/static/index.html"):
         assert f in names, f
     assert not any(n.startswith(("tests/", "models/")) for n in names)
 

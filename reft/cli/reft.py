@@ -19,6 +19,7 @@ def main():
     Examples:
       reft run plan/ --prompt "Once upon a time" --temperature 0
       reft run plan/ --chat
+      reft run plan/ --serve --port 8000
       reft perplexity plan/ -f text.txt
     """
 
@@ -79,24 +80,72 @@ def sampling_options(fn):
     return fn
 
 
+SERVE_OPTIONS = [
+    click.option("--serve", is_flag=True,
+                 help="Serve PLAN over HTTP: an OpenAI-compatible API under /v1 and a chat page at /."),
+    click.option("--host", default="127.0.0.1", show_default=True,
+                 help="--serve: address to listen on (0.0.0.0 makes the server reachable from other machines)."),
+    click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+                 help="--serve: TCP port to listen on."),
+    click.option("--api-key", default=None, envvar="REFT_API_KEY",
+                 help="--serve: require `Authorization: Bearer KEY` on every /v1 route. [env: REFT_API_KEY]"),
+    click.option("--kv-cache-memory", default=None, metavar="SIZE",
+                 help="--serve: memory for the KV-cache page pool, as a size (2GiB, 512MB) or a fraction of"
+                      " free memory (0.25). [default: room for --max-num-seqs full contexts, at most 0.2]"),
+    click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(1),
+                 help="--serve: most sequences decoded together in one step."),
+    click.option("--max-batch-tokens", default=None, type=click.IntRange(1),
+                 help="--serve: most tokens per step; longer prompts are processed in pieces of this size"
+                      " between decode steps. [default and maximum: the plan's max_batch_tokens]"),
+    click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0),
+                 help="--serve: sequences that may wait for a slot beyond --max-num-seqs; past that,"
+                      " requests get HTTP 429."),
+    click.option("--model-name", default=None,
+                 help="--serve: the model id clients send and /v1/models lists. [default: the plan directory's name]"),
+    click.option("--no-prefix-caching", is_flag=True,
+                 help="--serve: do not share the KV pages of prompt prefixes between requests."),
+]
+
+
+def serve_options(fn):
+    for opt in reversed(SERVE_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", default=None, help="Text to continue; the continuation streams to stdout.")
 @click.option("--chat", is_flag=True, help="Interactive chat using the model's chat template (Ctrl-D to quit).")
 @click.option("--system", default=None, help="System message for --chat.")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A Jinja chat template file to use instead of the model's own.")
+              help="A Jinja chat template file to use instead of the model's own (--chat and --serve).")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None,
               help="CPU threads for the cpu backend. [default: physical cores]")
 @sampling_options
+@serve_options
 @friendly_errors
-def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, threads):
-    """Generate text with PLAN: continue --prompt, or chat with --chat."""
+def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, threads,
+        serve, host, port, api_key, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
+        no_prefix_caching):
+    """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
+
+    The sampling options apply to --prompt and --chat; served requests carry their own
+    (fields the request leaves out come from the plan's generation_config.json, then OpenAI's
+    defaults).
+    """
     from ..errors import ReftError
     from ..runtime.engine import Engine
 
-    if (prompt is None) == (not chat):
-        raise ReftError("give exactly one of --prompt TEXT or --chat")
+    if sum((prompt is not None, chat, serve)) != 1:
+        raise ReftError("give exactly one of --prompt TEXT, --chat or --serve")
+    if serve:
+        from ..server.serve import serve as run_server
+
+        return run_server(plan, host=host, port=port, api_key=api_key, kv_cache_memory=kv_cache_memory,
+                          max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                          chat_template=chat_template, threads=threads, model_name=model_name,
+                          prefix_caching=not no_prefix_caching)
     engine = Engine.load(plan, threads=threads)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     tok = engine.tokenizer

@@ -27,14 +27,14 @@ class Chunk:
 
 class Engine:
     def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, prefix_caching: bool = True):
         self.plan = plan
         self.exe = backends.load(plan, threads)
         self.context_length = plan.context_length
         limit = int(plan.manifest.get("max_batch_tokens") or 512)
         self.max_batch_tokens = min(max_batch_tokens or limit, limit)
         pages = -(-(kv_tokens or self.context_length) // plan.kv["page_size"])
-        self.pool = PagePool(plan.kv, pages, self.exe.zeros)
+        self.pool = PagePool(plan.kv, pages, self.exe.zeros, prefix_caching)
 
     @classmethod
     def load(cls, path: str | Path, **kw) -> "Engine":

@@ -33,14 +33,16 @@ def generate(engine: Engine, req: GenerationRequest) -> Iterator[int]:
     check_prompt(engine, req.prompt_ids)
     if req.max_tokens <= 0:
         raise RequestError(f"max_tokens must be > 0, got {req.max_tokens}")
-    sample = Sampler(req.sampling)
+    sample = Sampler(req.sampling, req.prompt_ids)
     seq = engine.new_sequence(req.prompt_ids)
+    out: list[int] = []
     try:
         logits = engine.prefill(seq)[-1]
         for _ in range(req.max_tokens):
-            tok = sample(logits)
+            tok = sample(logits, out)
             if tok in req.stop_token_ids:
                 return
+            out.append(tok)
             yield tok
             if len(seq.tokens) + 1 > engine.context_length:
                 return

@@ -1,4 +1,16 @@
-"""Token sampling on the host: greedy, temperature, top-k, top-p, min-p, seeded."""
+"""Token sampling on the host: penalties, greedy, temperature, top-k, top-p, min-p, seeded; logprobs.
+
+Per token, in this order (vLLM's and transformers' order):
+1. repetition_penalty r (CTRL / transformers): every token seen in the prompt or the output has
+   its logit divided by r when positive, multiplied by r when negative.
+2. frequency and presence penalties (OpenAI): logit -= frequency x count in the output
+   + presence x (count > 0).
+3. temperature 0 takes the argmax; otherwise logits / temperature, then top-k, top-p (the
+   smallest set of most likely tokens whose mass reaches p) and min-p (drop tokens below
+   min_p x the top probability), renormalised, and one seeded draw.
+Logprobs are of the model's own distribution (log-softmax of the raw logits), before any of
+the above, as vLLM reports them by default.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +25,9 @@ class SamplingParams:
     top_k: int = 40              # 0 = off
     min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def validate(self) -> None:
         from ..errors import RequestError
@@ -25,33 +40,81 @@ class SamplingParams:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """Draws tokens for one sequence; `prompt_ids` matter only to the repetition penalty."""
+
+    def __init__(self, params: SamplingParams, prompt_ids=()):
         params.validate()
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # any int seeds
+        self.prompt_ids = np.asarray(prompt_ids, np.int64)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def penalize(self, logits: np.ndarray, output_ids=()) -> np.ndarray:
+        """Logits (float64) after the repetition, frequency and presence penalties."""
         p = self.params
-        logits = np.asarray(logits, np.float64).reshape(-1)
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        z = logits / p.temperature
+        z = np.array(logits, np.float64).reshape(-1)
+        if not p.penalized:
+            return z
+        out = np.asarray(output_ids, np.int64)
+        if p.repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([self.prompt_ids, out]))
+            seen = seen[(seen >= 0) & (seen < z.size)]
+            z[seen] = np.where(z[seen] > 0, z[seen] / p.repetition_penalty, z[seen] * p.repetition_penalty)
+        if out.size and (p.frequency_penalty or p.presence_penalty):
+            counts = np.bincount(out[out < z.size], minlength=z.size)
+            z -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return z
+
+    def distribution(self, logits: np.ndarray, output_ids=()) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, their probabilities) that a draw at temperature > 0 chooses among."""
+        p = self.params
+        z = self.penalize(logits, output_ids) / p.temperature
         idx = np.arange(z.size)
         if 0 < p.top_k < z.size:
             idx = np.argpartition(-z, p.top_k - 1)[:p.top_k]
-        z = z[idx]
-        order = np.argsort(-z, kind="stable")
-        idx, z = idx[order], z[order]
-        probs = np.exp(z - z[0])
+            z = z[idx]
+        if p.top_p < 1.0:  # needs the tokens in order of probability
+            order = np.argsort(-z, kind="stable")
+            idx, z = idx[order], z[order]
+        probs = np.exp(z - z.max())
         probs /= probs.sum()
-        keep = probs.size
+        keep = np.ones(probs.size, bool)
         if p.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            keep[int(np.searchsorted(np.cumsum(probs), p.top_p) + 1):] = False
         if p.min_p > 0:
-            keep = min(keep, int(np.sum(probs >= p.min_p * probs[0])))
-        probs = probs[:max(keep, 1)]
-        probs /= probs.sum()
-        return int(idx[self.rng.choice(probs.size, p=probs)])
+            keep &= probs >= p.min_p * probs.max()
+        keep[int(np.argmax(probs))] = True
+        idx, probs = idx[keep], probs[keep]
+        return idx, probs / probs.sum()
+
+    def __call__(self, logits: np.ndarray, output_ids=()) -> int:
+        if self.params.temperature == 0:
+            return int(np.argmax(self.penalize(logits, output_ids)))
+        idx, probs = self.distribution(logits, output_ids)
+        cdf = np.cumsum(probs)
+        return int(idx[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), idx.size - 1)])
+
+
+def logprobs(logits: np.ndarray, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` under the raw logits, and the `top` most likely (id, logprob)."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    m = z.max()
+    lp = z - (m + np.log(np.exp(z - m).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(top, lp.size)
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        best = [(int(i), float(lp[i])) for i in ids]
+    return float(lp[token]), best

@@ -1,0 +1,104 @@
+"""Continuous batching: which tokens of which sequences the next forward step processes.
+
+Pure Python over `Sequence` records; the engine runs what `schedule()` returns. Policy per step:
+1. Running sequences first, oldest first: a decode needs its one new token; a prompt still being
+   prefilled gets its next piece. Together at most `max_batch_tokens` tokens (so long prompts
+   are processed in chunks, mixed with the decodes of other sequences).
+2. When the page pool cannot hold a running sequence's next tokens, the newest running
+   sequence is preempted: its pages are dropped and it goes back to the front of the queue, to
+   be recomputed later (its tokens so far become its prompt). Recompute, not swap: the prefix
+   cache often still holds its pages.
+3. Then waiting sequences are admitted in arrival order while fewer than `max_num_seqs` run and
+   tokens and pages are left; on admission a sequence first shares the cached pages of its
+   longest cached prompt prefix. Admission never preempts.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .engine import Chunk
+from .kv_cache import PagePool, Sequence
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.n for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, *, max_num_seqs: int, max_batch_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """A sequence leaves (finished or aborted): its pages go back to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.release()
+
+    def _preempt_newest(self, plan: StepPlan) -> Sequence:
+        victim = self.running.pop()
+        victim.release()
+        self.waiting.appendleft(victim)
+        plan.preempted.append(victim)
+        self.preemptions += 1
+        return victim
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> Chunk:
+        return Chunk(seq, n, "last" if seq.cached + n == len(seq.tokens) else "none")
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_batch_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.cached, budget)
+            need = self.pool.pages_for(seq.cached + n) - len(seq.pages)
+            while need > self.pool.free_pages and self._preempt_newest(plan) is not seq:
+                pass
+            if seq not in self.running:  # it was the newest itself
+                break
+            seq.reserve(seq.cached + n)
+            plan.chunks.append(self._chunk(seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not seq.pages:
+                seq.match_prefix()
+            n = min(len(seq.tokens) - seq.cached, budget)
+            if self.pool.pages_for(seq.cached + n) - len(seq.pages) > self.pool.free_pages:
+                seq.unmatch_prefix()  # give shared pages back; they stay cached for the next try
+                break
+            self.waiting.popleft()
+            seq.reserve(seq.cached + n)
+            self.running.append(seq)
+            plan.chunks.append(self._chunk(seq, n))
+            budget -= n
+        return plan
+
+    def completed(self, plan: StepPlan) -> None:
+        """After the step ran: offer newly filled pages to the prefix cache."""
+        for c in plan.chunks:
+            c.seq.register_pages()

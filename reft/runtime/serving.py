@@ -1,0 +1,222 @@
+"""Many requests at once: the scheduler, the engine's batched step and per-request sampling.
+
+`ServingEngine.step()` runs one forward call for every scheduled sequence and returns what each
+request gained from it (new text, tokens, logprobs, a finish reason). It is synchronous and
+single-threaded; `AsyncEngine` (async_engine.py) runs it in a background thread for the server.
+
+Notable:
+- Each choice of a request is its own `Sequence` with its own seeded `Sampler`, so a seed gives
+  the same text whatever else runs beside it, and after a preemption the draw goes on where it
+  stopped (the RNG is not reset by the recompute).
+- Text is produced here, token by token (IncrementalDecoder, then StopStrings holding back what
+  could still turn into a stop string), so a stop string ends the sequence in the same step.
+- EOS (generation_config's ids, unless ignore_eos) and `stop_token_ids` end a sequence with
+  finish reason "stop"; the stopping token counts in usage but adds no text and no logprobs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import RequestError
+from ..frontends.tokenizer import IncrementalDecoder
+from .engine import Engine
+from .kv_cache import Sequence
+from .sampler import Sampler, SamplingParams, logprobs
+from .scheduler import Scheduler
+from .stop import StopStrings
+
+
+@dataclass
+class Request:
+    """One sequence to generate (a request with n choices submits n of these)."""
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None       # None: off; k: the sampled token's logprob and k alternatives
+    skip_special_tokens: bool = True
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]    # the most likely (id, logprob) at this position
+    text: str                       # the text this token added to the stream (its pieces join to the text)
+    prev: int                       # the token before it, to spell the alternatives in context
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step."""
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0                # prompt tokens served from the prefix cache
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _State:
+    """A request in flight: its sequence, sampler, detokenizer and stop-string filter."""
+
+    def __init__(self, req: Request, seq: Sequence, eos: tuple[int, ...], tokenizer):
+        self.req, self.seq = req, seq
+        self.sampler = Sampler(req.sampling, req.prompt_ids)
+        self.stops = frozenset(req.stop_token_ids) | (frozenset() if req.ignore_eos else frozenset(eos))
+        self.decoder = IncrementalDecoder(tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
+        self.text = StopStrings(req.stop)
+        self.output: list[int] = []
+        self.cached_tokens: int | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+
+class ServingEngine:
+    def __init__(self, engine: Engine, *, max_num_seqs: int = 64, max_batch_tokens: int | None = None,
+                 max_model_len: int | None = None, observer=None):
+        self.engine = engine
+        self.pool = engine.pool
+        self.tokenizer = engine.tokenizer
+        self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=min(max_batch_tokens or engine.max_batch_tokens,
+                                                        engine.max_batch_tokens))
+        # a lone sequence must always fit in the pool, or preemption could not make progress
+        self.max_model_len = min(max_model_len or engine.context_length, engine.context_length,
+                                 self.pool.num_pages * self.pool.page_size)
+        self.vocab_size = int(engine.plan.manifest.get("vocab_size") or self.tokenizer.vocab_size)
+        self.eos = tuple(self.tokenizer.eos_token_ids)
+        self.observer = observer     # optional: .token(seconds, first=bool) and .finish(output)
+        self._states: dict[str, _State] = {}
+        self._by_seq: dict[Sequence, _State] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # --- requests in and out -----------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise RequestError naming what is wrong with a request that cannot be served."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.vocab_size:
+            raise RequestError(f"prompt token id out of range [0, {self.vocab_size})")
+        if req.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be > 0, got {req.max_tokens}")
+        if n + req.max_tokens > self.max_model_len:
+            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens, but the"
+                               f" request needs {n + req.max_tokens} ({n} in the prompt + {req.max_tokens}"
+                               " max_tokens); shorten the prompt or lower max_tokens")
+        if req.logprobs is not None and req.logprobs < 0:
+            raise RequestError(f"logprobs must be >= 0, got {req.logprobs}")
+        req.sampling.validate()
+
+    def add(self, req: Request) -> None:
+        if req.id in self._states:
+            raise RequestError(f"request id {req.id!r} is already in flight")
+        self.check(req)
+        seq = self.engine.new_sequence(req.prompt_ids)
+        st = _State(req, seq, self.eos, self.tokenizer)
+        self._states[req.id] = st
+        self._by_seq[seq] = st
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(req.prompt_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its pages go back to the pool. None if it is not in flight."""
+        st = self._states.get(request_id)
+        if st is None:
+            return None
+        return self._finish(st, "abort")
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request in flight with finish reason "error" (after an unexpected failure)."""
+        return [self._finish(st, "error", error) for st in list(self._states.values())]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # --- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        for c in plan.chunks:
+            st = self._by_seq[c.seq]
+            if st.cached_tokens is None:
+                st.cached_tokens = c.seq.cached
+        try:
+            rows = self.engine.step(plan.chunks)
+        except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+            return [self._finish(self._by_seq[c.seq], "error", f"{type(e).__name__}: {e}") for c in plan.chunks]
+        self.scheduler.completed(plan)
+        now = time.monotonic()
+        outs = []
+        for c, r in zip(plan.chunks, rows):
+            if c.logits != "none":
+                outs.append(self._advance(self._by_seq[c.seq], r[-1], now))
+        return outs
+
+    def _advance(self, st: _State, logits: np.ndarray, now: float) -> RequestOutput:
+        """Sample the next token of a sequence whose last token was just computed."""
+        req = st.req
+        tok = st.sampler(logits, st.output)
+        st.output.append(tok)
+        self.generation_tokens_total += 1
+        if self.observer is not None:
+            self.observer.token(now - (st.last_token_at or req.arrival), first=st.last_token_at is None)
+        st.first_token_at = st.first_token_at or now
+        st.last_token_at = now
+        out = self._output(st)
+        if tok in st.stops:
+            return self._finish(st, "stop", out=out)
+        out.token_ids.append(tok)
+        piece = st.decoder.push(tok)
+        if req.logprobs is not None:
+            lp, top = logprobs(logits, tok, req.logprobs)
+            out.logprobs.append(TokenLogprob(tok, lp, top, piece, st.seq.tokens[-1]))
+        out.text = st.text.push(piece)
+        if st.text.stopped:
+            return self._finish(st, "stop", out=out)
+        if len(st.output) >= req.max_tokens or len(st.seq.tokens) + 1 > self.max_model_len:
+            return self._finish(st, "length", out=out)
+        st.seq.tokens.append(tok)
+        return out
+
+    def _output(self, st: _State) -> RequestOutput:
+        return RequestOutput(st.req.id, prompt_tokens=len(st.req.prompt_ids), completion_tokens=len(st.output),
+                             cached_tokens=st.cached_tokens or 0)
+
+    def _finish(self, st: _State, reason: str, error: str | None = None, out: RequestOutput | None = None):
+        out = out or self._output(st)
+        if reason in ("stop", "length") and not st.text.stopped:
+            out.text += st.text.push(st.decoder.flush()) + st.text.flush()
+        out.finish_reason, out.error = reason, error
+        self.scheduler.remove(st.seq)
+        del self._states[st.req.id]
+        del self._by_seq[st.seq]
+        if self.observer is not None:
+            self.observer.finish(out)
+        return out

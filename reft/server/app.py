@@ -1,0 +1,189 @@
+"""The HTTP routes: OpenAI-compatible /v1 API, tokenizer routes, health, metrics, the chat page.
+
+Every error leaves as an OpenAI error body (`{"error": {message, type, param, code}}`) with a 4xx
+status for the client's mistakes: malformed JSON and wrong field types are 400 (not FastAPI's
+422), unknown routes 404, a missing or wrong API key 401, a full server 429. Anything unexpected
+is a 500 with the same shape, and the server goes on serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .metrics import ServerMetrics
+from .openai_serving import ApiError, OpenAIServing, collect, sse_events
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
+
+STATIC = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.5
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request body", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})", None
+    if e.get("type") == "missing" and not loc:
+        return "the request needs a JSON body", None
+    param = ".".join(loc) or None
+    return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by route and status (pure ASGI: streamed events pass
+    straight through, unlike with BaseHTTPMiddleware)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | None = None) -> FastAPI:
+    engine = serving.engine
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="reft", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    # --- errors ------------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on"
+                   f" {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    async def authorized(request: Request):
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer KEY`", None,
+                           "invalid_api_key")
+
+    v1 = [Depends(authorized)]
+
+    # --- generation --------------------------------------------------------------------------------
+    async def run(request: Request, job, chat: bool, stream: bool, include_usage: bool):
+        handle = serving.submit(job.reqs)
+        if stream:
+            async def body():
+                try:
+                    async for event in sse_events(serving, job, handle, chat, include_usage):
+                        yield event
+                finally:
+                    handle.close()
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        task = asyncio.ensure_future(collect(serving, job, handle, chat))
+        try:
+            while True:  # a client that hangs up cancels its request
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return JSONResponse(task.result())
+                if await request.is_disconnected():
+                    task.cancel()
+                    return Response(status_code=499)
+        finally:
+            handle.close()
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        job = serving.chat_requests(body)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await run(request, job, True, body.stream, usage)
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request):
+        job = serving.completion_requests(body)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await run(request, job, False, body.stream, usage)
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": 0,
+                                            "owned_by": "reft", "max_model_len": serving.max_model_len}]}
+
+    # --- tokenizer ---------------------------------------------------------------------------------
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        serving.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of `prompt` or `messages`")
+        if body.messages is not None:
+            ids = serving.render_chat(body.messages, body.add_generation_prompt)
+        else:
+            ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        serving.check_model(body.model)
+        serving.check_ids(body.tokens, "tokens")
+        return {"prompt": serving.tokenizer.decode(body.tokens)}
+
+    # --- operations --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return _error(503, f"the engine loop has stopped ({engine.step_error or 'not started'})")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    return app
