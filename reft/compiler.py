@@ -69,6 +69,39 @@ def bind_weights(graph: Graph, weights, where: str) -> int:
     return total
 
 
+def keep_quantized(graph: Graph, weights, store: WeightStore) -> None:
+    """Bind block-quantized source tensors (GGUF) as quantized params, read as their raw bytes, where
+    only the weight inputs of linear / embedding read them (elsewhere they are dequantized floats)."""
+    from .ir.ops.registry import QUANTIZED_WEIGHT_INPUT
+
+    qdtype = getattr(weights, "quantized_dtype", None)
+    if qdtype is None:
+        return
+    users = graph.users()
+    for n in graph.params():
+        dt = qdtype(n.name)
+        if dt and all(QUANTIZED_WEIGHT_INPUT.get(u.op) == u.inputs.index(n.out) for u in users.get(id(n.out), [])):
+            n.out.type = TensorType(n.out.shape, dt)
+            store.define(n.name, lambda name=n.name: weights.raw(name))
+
+
+def quantization_record(graph: Graph, quant: str | None, group_size: int | None, gguf) -> dict | None:
+    """The manifest's account of which weights are quantized and how (shown by `reftc inspect`)."""
+    from .passes.quantize_weights import lm_head
+
+    params = {n.name: n.out.dtype for n in graph.params() if n.out.type.rank == 2}
+    counts: dict[str, int] = {}
+    for dt in params.values():
+        counts[dt] = counts.get(dt, 0) + 1
+    if not quant and all(d in FLOAT_DTYPES for d in counts):
+        return None
+    head = lm_head(graph)
+    emb = next((n.inputs[1] for n in graph.nodes if n.op == "embedding"), None)
+    return {"method": quant or ("gguf" if gguf else None), "group_size": group_size if quant == "int4" else None,
+            "matrices": counts, "lm_head": head.inputs[1].dtype if head else None,
+            "embedding": emb.dtype if emb is not None else None}
+
+
 def signature(graph: Graph) -> dict:
     spec = lambda v: {"dtype": v.dtype, "shape": list(v.shape)}  # noqa: E731
     return {"inputs": {n.name: spec(n.out) for n in graph.inputs()},
@@ -93,13 +126,21 @@ def default_backend() -> str:
 
 def compile_model(model: str | Path, out: str | Path, *, backend: str | None = None, dtype: str = "float32",
                   dump_dir: str | Path | None = None, model_def: str | Path | None = None,
-                  page_size: int = 16, max_batch_tokens: int = 512, progress: bool = True) -> Path:
+                  page_size: int = 16, max_batch_tokens: int = 512, progress: bool = True,
+                  quant: str | None = None, group_size: int = 32, quant_head: bool = False,
+                  kv_dtype: str = "float32", calibrate: str | Path | None = None) -> Path:
     model = resolve_model(model)
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ReftError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if kv_dtype not in DTYPES:
+        raise ReftError(f"unknown KV-cache dtype {kv_dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quant:
+        from .passes.quantize_weights import quant_dtype
+
+        quant_dtype(quant, group_size)   # a bad --quant / --group-size fails before any work
     if not model.exists():
         raise ModelError(f"{model}: no such model directory (bundled models: {', '.join(bundled_models())})")
     gguf = _open_gguf(model, model_def) if model.is_file() and model.suffix == ".gguf" else None
@@ -124,8 +165,13 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
     n_params = bind_weights(graph, weights, str(model))
     tokenizer = gguf.tokenizer if gguf else Tokenizer.from_dir(model, hf)
 
-    ctx = PassContext(WeightStore(weights), options={"weight_dtype": dtype, "page_size": page_size,
-                                                     "max_batch_tokens": max_batch_tokens})
+    store = WeightStore(weights)
+    keep_quantized(graph, weights, store)
+    calibration_ids = _calibration_ids(calibrate, tokenizer, quant) if calibrate else None
+    ctx = PassContext(store, options={"weight_dtype": dtype, "page_size": page_size,
+                                      "max_batch_tokens": max_batch_tokens, "quant": quant,
+                                      "group_size": group_size, "quant_head": quant_head, "kv_dtype": kv_dtype,
+                                      "calibration_ids": calibration_ids})
     with atomic_dir(out) as tmp:
         dumps = tmp / "dumps" if dump_dir else None
         pm = PassManager(pipeline_for(backend), dump_dir=dumps)
@@ -153,7 +199,7 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
             "context_length": getattr(cfg, "max_position_embeddings", None),
             "vocab_size": getattr(cfg, "vocab_size", None),
             "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
-            "quantization": None,
+            "quantization": quantization_record(graph, quant, group_size, gguf),
             "backend": backend_record,
             "max_batch_tokens": max_batch_tokens,
             "memory": ctx.artifacts.get("memory"),
@@ -167,6 +213,20 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
         if dump_dir:
             shutil.copytree(dumps, dump_dir, dirs_exist_ok=True)
     return Path(out)
+
+
+def _calibration_ids(path, tokenizer, quant) -> list[int]:
+    """The first 512 tokens of the --calibrate text file."""
+    if not quant:
+        raise ReftError("--calibrate only applies with --quant int8|int4")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReftError(f"--calibrate {path}: cannot read the text ({e.__class__.__name__})") from None
+    ids = tokenizer.encode(text)[:512]
+    if len(ids) < 16:
+        raise ReftError(f"--calibrate {path}: the text has {len(ids)} tokens; give at least 16")
+    return ids
 
 
 def _open_gguf(model: Path, model_def):
@@ -202,6 +262,8 @@ def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool,
     for n in params:
         if n.name in layouts:
             items.append((n.name, n.out.dtype, packed_shape(n.out.shape), lambda name=n.name: pack(store[name])))
+        elif n.out.type.quantized:   # raw block rows
+            items.append((n.name, "uint8", n.out.type.storage_shape(), lambda name=n.name: store[name]))
         else:
             items.append((n.name, n.out.dtype, n.out.shape, lambda name=n.name: store[name]))
     total = sum(TensorType(tuple(s), d).nbytes() for _, d, s, _ in items)

@@ -41,18 +41,31 @@ def main():
               help="Tokens per KV-cache page.")
 @click.option("--max-batch-tokens", default=512, show_default=True, type=click.IntRange(1, 65536),
               help="Most tokens one forward step may hold (activation memory is planned for this many).")
+@click.option("--quant", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization of the projection matmuls of a float checkpoint: int8 per output"
+                   " channel, or int4 in groups of --group-size inputs (asymmetric, round to nearest).")
+@click.option("--group-size", default=32, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="Inputs per int4 scale/offset group.")
+@click.option("--quant-head", is_flag=True, help="Quantize the LM head too (it stays float by default).")
+@click.option("--calibrate", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A text file: scale weight input channels by their activation size on it before --quant"
+                   " (AWQ-style, folded into the RMSNorm weights).")
+@click.option("--kv-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Storage dtype of the KV cache.")
 @friendly_errors
-def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens):
+def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens, quant, group_size,
+            quant_head, calibrate, kv_dtype):
     """Compile MODEL into a plan directory.
 
     MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a llama.cpp
-    .gguf file (quantized tensors are dequantized to --dtype), or the name of a model bundled
+    .gguf file (block-quantized tensors stay quantized), or the name of a model bundled
     with reft: `stories260K`.
     """
     from ..compiler import compile_model
 
     compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
-                  page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress())
+                  page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant,
+                  group_size=int(group_size), quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate)
     click.echo(f"wrote plan {out}")
 
 
@@ -85,7 +98,14 @@ def inspect(plan, as_json):
                f" {cfg.get('head_dim')}, vocab {m.get('vocab_size')}, context {m.get('context_length')}")
     if model.get("gguf_tensor_types"):
         types = ", ".join(f"{n} {t}" for t, n in sorted(model["gguf_tensor_types"].items()))
-        click.echo(f"source      GGUF file with {types} tensors, dequantized to {m['dtypes']['weights']}")
+        kept = (m.get("quantization") or {}).get("method") == "gguf"
+        click.echo(f"source      GGUF file with {types} tensors, "
+                   + ("block types kept quantized" if kept else f"dequantized to {m['dtypes']['weights']}"))
+    q = m.get("quantization")
+    if q:
+        mats = ", ".join(f"{n} {d}" for d, n in sorted(q["matrices"].items()))
+        how = f"{q['method']}" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
+        click.echo(f"quantized   {how}: matrices {mats}; LM head {q['lm_head']}, embedding {q['embedding']}")
     click.echo(f"backend     {m['backend']['name']} ({m['backend']['target']})")
     click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")
     click.echo(f"weights     {m['weights']['tensors']} tensors, {_human(m['weights']['bytes'])}")

@@ -12,6 +12,8 @@ from .fuse_qkv_rope import fuse_qkv_rope
 from .lower_paged_attention import lower_paged_attention
 from .manager import PassFn
 from .plan_memory import plan_memory_pass
+from .quantize_weights import quantize_weights
+from .scale_activations import scale_activations
 
 PIPELINE: list[tuple[str, PassFn]] = [
     # -- clean-up of the traced model
@@ -20,7 +22,9 @@ PIPELINE: list[tuple[str, PassFn]] = [
     # -- compile-time weight transforms
     ("fuse_projections", fuse_projections),
     ("eliminate_dead_code", eliminate_dead_code),   # drops the weights the fusion replaced
-    ("cast_weights", cast_weights),
+    ("scale_activations", scale_activations),        # --calibrate: AWQ-style scales folded into RMSNorm weights
+    ("quantize_weights", quantize_weights),          # --quant: projection matmuls to int8 / int4
+    ("cast_weights", cast_weights),                  # float weights to --dtype (quantized ones stay)
     # -- KV cache: attention reads and writes pages owned by the runtime
     ("lower_paged_attention", lower_paged_attention),
 ]

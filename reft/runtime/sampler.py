@@ -100,7 +100,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, output_ids=()) -> int:
         if self.params.temperature == 0:
-            return int(np.argmax(self.penalize(logits, output_ids)))
+            z = self.penalize(logits, output_ids) if self.params.penalized else logits
+            return int(np.argmax(z))
         idx, probs = self.distribution(logits, output_ids)
         cdf = np.cumsum(probs)
         return int(idx[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), idx.size - 1)])

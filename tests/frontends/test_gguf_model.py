@@ -92,6 +92,12 @@ def test_manifest_records_the_gguf_source(plans):
     m = json.loads((plans("gguf", "cpu") / "manifest.json").read_text())
     assert m["model"]["gguf_tensor_types"] == {"F32": 48}
     assert m["model"]["params"] == 292_800 and m["model"]["architecture"] == "LlamaForCausalLM"
+    from click.testing import CliRunner
+
+    from reft.cli.reftc import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(plans("gguf", "cpu"))])
+    assert shown.exit_code == 0 and "GGUF file with 48 F32 tensors, dequantized to float32" in shown.output
 
 
 def test_tied_embeddings_when_output_is_absent(tmp_path, reference):

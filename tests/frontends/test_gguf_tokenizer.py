@@ -1,22 +1,25 @@
 """Tokenizers built from GGUF metadata encode as llama.cpp does.
 
 Oracles: the reference prompt ids in shared/models/*/reference_outputs.json; the Hugging Face
-tokenizer.json files shipped beside them; and, for SentencePiece-style vocabularies, a direct
+tokenizer.json files shipped beside them; for SentencePiece-style vocabularies, a direct
 transcription of llama.cpp's algorithm (score-ordered bigram merges over characters, byte
-fallback, a space prefix before every run of text) that shares no code with reft's.
+fallback, a space prefix before every run of text) that shares no code with reft's; and, where
+llama-cpp-python is installed, llama.cpp's own tokenizer on the real files.
 """
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import tokenizers
 from gguf_util import write_gguf
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from paths import SHARED_MODELS, SMOL_TOKENIZER
+from paths import SHARED_MODELS, SMOL_TOKENIZER, SMOLLM2_GGUF
 
 from reft.errors import ModelError
+from reft.frontends.gguf import open_gguf
 from reft.frontends.gguf_file import GGUFFile
 from reft.frontends.gguf_tokenizer import CONTROL, NORMAL, tokenizer_from_gguf
 
@@ -162,6 +165,10 @@ def test_smol_reference_ids(smol):
 def test_smol_matches_hf_tokenizer(smol, smol_hf, text):
     hf = smol_hf
     text = text.replace("<s>", "<|im_start|>")
+    # llama.cpp's "smollm" pre-tokenizer keeps a run of 2+ spaces before a digit as one piece
+    # ("  0" -> ["  ", "0"]) where tokenizer.json's splits it (" ", " ", "0"); reft follows
+    # llama.cpp (test_encodes_like_llama_cpp_itself), so those inputs are not compared here
+    assume(not re.search(r"\s\s\d", text))
     ids = smol.encode(text)
     assert ids == hf.encode(text)
     assert smol.decode(ids) == hf.decode(ids)  # not always `text`: the vocabulary lacks some byte tokens
@@ -219,3 +226,29 @@ def test_writer_round_trip_of_a_small_spm_vocab(tmp_path):
     tok = tokenizer_from_gguf(meta, "t.gguf")
     for text in ["ab", "aab b", "abc", " ab", "a<s>ab", "bab\n"]:
         assert tok.encode(text) == llama_cpp_spm(text, meta), text
+
+
+def _llama_cpp_vocab(path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (llama.cpp itself) is not installed")
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+GGUF_FILES = {"stories260K": STORIES / "stories260K.gguf", "smollm2": SMOLLM2_GGUF}
+
+
+@pytest.mark.parametrize("which", sorted(GGUF_FILES))
+def test_encodes_like_llama_cpp_itself(which):
+    """Where llama-cpp-python is installed: llama.cpp's own tokenizer on the real files."""
+    path = GGUF_FILES[which]
+    if path is None or not path.is_file():
+        pytest.skip(f"{which} GGUF is absent")
+    ref = _llama_cpp_vocab(path)
+    ours = open_gguf(path).tokenizer
+    add_bos = ours.tokenizer_config["add_bos_token"]
+
+    @settings(max_examples=200, deadline=None)
+    @given(text=TEXT | st.text(max_size=30))
+    def check(text):
+        text = text.replace("<s>", "<|im_start|>") if which == "smollm2" else text
+        assert ours.encode(text) == ref.tokenize(text.encode(), add_bos=add_bos, special=True)
+    check()

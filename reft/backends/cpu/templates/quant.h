@@ -74,10 +74,12 @@ static inline void codes_i8(Blk32& b, const uint8_t* p) {
 
 static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-// -- the formats: row_bytes(K) and block(row, j, out) for the j-th 32 values of a row ----------
+// -- the formats: row_bytes(K), block(row, j, out) for the j-th 32 values of a row, and MIN
+//    (whether blocks have offsets: only then are sums of x needed) ----------
 template <typename QT> struct QF;
 
 template <> struct QF<q8_0_t> {
+    static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 34; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 34;
@@ -86,6 +88,7 @@ template <> struct QF<q8_0_t> {
     }
 };
 template <> struct QF<q4_0_t> {
+    static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 18; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 18;
@@ -94,6 +97,7 @@ template <> struct QF<q4_0_t> {
     }
 };
 template <> struct QF<q4_1_t> {
+    static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 20; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 20;
@@ -102,6 +106,7 @@ template <> struct QF<q4_1_t> {
     }
 };
 template <> struct QF<q5_0_t> {
+    static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 22; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 22;
@@ -110,6 +115,7 @@ template <> struct QF<q5_0_t> {
     }
 };
 template <> struct QF<q5_1_t> {
+    static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 24; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 24;
@@ -144,6 +150,7 @@ static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh
 }
 
 template <> struct QF<q4_k_t> {
+    static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 144; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j >> 3) * 144;
@@ -155,6 +162,7 @@ template <> struct QF<q4_k_t> {
     }
 };
 template <> struct QF<q5_k_t> {
+    static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 176; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j >> 3) * 176;
@@ -166,6 +174,7 @@ template <> struct QF<q5_k_t> {
     }
 };
 template <> struct QF<q6_k_t> {
+    static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 210; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j >> 3) * 210;
@@ -191,6 +200,7 @@ template <> struct QF<q6_k_t> {
 
 // reft's formats: int8 rows are [float32 scale][K int8]; int4 groups of G are [f16 scale][f16 min][G/2 nibbles]
 template <> struct QF<int8_t_> {
+    static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K + 4; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         float s; memcpy(&s, r, 4);
@@ -199,6 +209,7 @@ template <> struct QF<int8_t_> {
     }
 };
 template <int G> struct QF<int4_t_<G>> {
+    static constexpr bool MIN = true;
     static int64_t row_bytes(int64_t K) { return K / G * (4 + G / 2); }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j / (G / 32)) * (4 + G / 2);
@@ -254,7 +265,7 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
                 __m256 a = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xp)));
                 __m256 c = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp + 24), _mm256_mul_ps(q2, _mm256_loadu_ps(xp + 16)));
                 acc[t] = _mm256_fmadd_ps(c, s1, _mm256_fmadd_ps(a, s0, acc[t]));
-                ms[t] += b.m * xs[t * NB + j];
+                if constexpr (QF<QT>::MIN) ms[t] += b.m * xs[t * NB + j];
             }
         }
         for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + ms[t];
@@ -269,7 +280,7 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
                 float a = 0.f, c = 0.f;
                 for (int i = 0; i < 16; i++) { a += (float)b.q[i] * xp[i]; c += (float)b.q[i + 16] * xp[i + 16]; }
                 acc[t] += a * b.s0 + c * b.s1;
-                ms[t] += b.m * xs[t * NB + j];
+                if constexpr (QF<QT>::MIN) ms[t] += b.m * xs[t * NB + j];
             }
         }
         for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = acc[t] + ms[t];
@@ -304,7 +315,7 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
                          int64_t ldy, float* scratch) {
     const uint8_t* W = (const uint8_t*)Wq;
     if (T <= GEMV_MAX_T) {
-        block_sums(x, T, K, scratch);
+        if constexpr (QF<QT>::MIN) block_sums(x, T, K, scratch);
         switch (T) {
             case 1: qgemv<QT, 1>(x, scratch, K, W, r0, r1, y, ldy); break;
             case 2: qgemv<QT, 2>(x, scratch, K, W, r0, r1, y, ldy); break;

@@ -1,0 +1,73 @@
+"""Weight-only quantization of the projection matmuls (`reftc compile --quant int8|int4`).
+
+Options (ctx.options): `quant` None | "int8" | "int4", `group_size` (int4: 32, 64, 128),
+`quant_head` (also quantize the LM head; default: it stays float, as does the embedding).
+
+Every `linear` whose weight is a float graph weight becomes a reader of the same weight in
+`int8` (per output channel, symmetric) or `int4_g{G}` (groups of G inputs, asymmetric),
+round-to-nearest, converted lazily through the WeightStore by reft.quant's quantizers. The LM
+head is the linear that produces the `logits` output (through row selection); a weight also
+read by something else than a linear (a tied embedding table) is quantized only with the head.
+Weights that arrive quantized (GGUF blocks) pass through unchanged.
+
+Counters: `to_int8` / `to_int4_g{G}` per weight, `kept_head` when the head stays float.
+"""
+from __future__ import annotations
+
+from ..errors import ReftError
+from ..ir import Graph, Node
+from ..ir.quantized import INT4_GROUPS, quantize_weight
+from ..ir.types import FLOAT_DTYPES, TensorType
+from .context import PassContext
+
+MODES = ("int8", "int4")
+
+
+def lm_head(graph: Graph) -> Node | None:
+    """The linear producing the `logits` output, seen through row selection / casts / reshapes."""
+    v = graph.outputs.get("logits")
+    while v is not None and v.node.op in ("take_rows", "cast", "reshape"):
+        v = v.node.inputs[0]
+    return v.node if v is not None and v.node.op == "linear" else None
+
+
+def quant_dtype(mode: str, group_size: int) -> str:
+    if mode not in MODES:
+        raise ReftError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "int8":
+        return "int8"
+    if group_size not in INT4_GROUPS:
+        raise ReftError(f"--group-size must be one of {', '.join(map(str, INT4_GROUPS))}, got {group_size}")
+    return INT4_GROUPS[group_size]
+
+
+def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
+    mode = ctx.options.get("quant")
+    if not mode:
+        return graph
+    dtype = quant_dtype(mode, int(ctx.options.get("group_size") or 32))
+    with_head = bool(ctx.options.get("quant_head"))
+    head = lm_head(graph)
+    users = graph.users()
+    done: set[str] = set()
+    for n in graph.nodes:
+        if n.op != "linear":
+            continue
+        w = n.inputs[1].node
+        if w.op != "param" or w.out.dtype not in FLOAT_DTYPES or w.name in done:
+            continue
+        only_linears = all(u.op == "linear" and u.inputs[1] is w.out and u.inputs[0] is not w.out
+                           for u in users.get(id(w.out), []))
+        if (n is head or not only_linears) and not with_head:
+            ctx.count("kept_head")
+            continue
+        k = w.out.shape[1]
+        try:
+            w.out.type = TensorType(w.out.shape, dtype)
+        except TypeError:
+            raise ReftError(f"--quant {mode}: groups of {dtype.rsplit('_g', 1)[-1]} do not divide the {k} inputs of"
+                            f" {w.name}; pick a --group-size that divides {k}") from None
+        ctx.weights.transform(w.name, lambda a, dt=dtype: quantize_weight(a, dt))
+        ctx.count(f"to_{dtype}")
+        done.add(w.name)
+    return graph
