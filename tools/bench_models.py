@@ -383,6 +383,10 @@ def build_smollm2(out: Path, args) -> None:
         if path.is_file() and not args.force and not built:
             say(f"smollm2: {path.name} present")
             continue
+        if fmt == "q4_1":   # the original file itself
+            shutil.copyfile(src, path)
+            prov.setdefault("gguf", {})[fmt] = dict(how=f"a copy of {src.name}", bytes=path.stat().st_size)
+            continue
         try:
             import llamacpp_util as lc  # noqa: PLC0415
 
@@ -674,6 +678,9 @@ def build_l1b(out: Path, args) -> None:
     vocab = None
     for fmt in args.formats:
         path = d / f"{fmt}.gguf"
+        if fmt not in ("f32", "f16"):
+            say(f"llama-1b: {fmt} is only made for smollm2-135m (random weights quantize to noise)")
+            continue
         if path.is_file() and not args.force and not built:
             say(f"llama-1b: {path.name} present")
             continue
@@ -700,8 +707,9 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models (default: both)")
-    p.add_argument("--formats", nargs="+", choices=("f32", "f16"), default=["f32", "f16"],
-                   help="GGUF precisions to write (default: f32 f16)")
+    p.add_argument("--formats", nargs="+", choices=("f32", "f16", "q8_0", "q4_1", "q4_k_m"), default=["f32", "f16"],
+                   help="GGUF precisions to write (default: f32 f16). smollm2-135m also takes q4_1 (its original"
+                        " file), q8_0 and q4_k_m (llama.cpp's requantization of it)")
     p.add_argument("--force", action="store_true", help="rebuild outputs that already exist")
     p.add_argument("--verify", choices=("auto", "always", "never"), default="auto",
                    help="run the transformers / llama.cpp agreement checks: auto = when something was (re)built")

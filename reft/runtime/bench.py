@@ -72,7 +72,15 @@ def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int,
     """llama-bench's ppN / tgN tests; `load_s` (how long Engine.load took) is reported alongside."""
     m = engine.plan.manifest
     kv = sum(a.nbytes for a in engine.pool.arrays.values())
-    name = f"{m['model']['architecture']} {m['dtypes']['weights']}"
+    q = m.get("quantization") or {}
+    if q.get("method") == "gguf":   # the file's types, most common first, as llama-bench names the model
+        kinds = sorted(q["matrices"].items(), key=lambda kv: -kv[1])
+        precision = "+".join(d for d, _ in kinds if d not in ("float32", "float16", "bfloat16")).upper()
+    elif q.get("method"):
+        precision = f"{q['method']}" + (f"-g{q['group_size']}" if q.get("group_size") else "")
+    else:
+        precision = m["dtypes"]["weights"]
+    name = f"{m['model']['architecture']} {precision}"
     out = []
     tests = ([(f"pp{prompt}", prompt, time_prompt)] if prompt else []) + ([(f"tg{gen}", gen, time_generation)] if gen else [])
     for test, n, fn in tests:

@@ -54,7 +54,11 @@ static inline __m256i bit16x32(uint32_t bits) {
 static inline void codes_nib(Blk32& b, const uint8_t* p, uint32_t bits, int sub) {
 #if defined(__AVX2__)
     __m256i q = nib32(p);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    q = _mm256_mask_add_epi8(q, (__mmask32)bits, q, _mm256_set1_epi8(0x10));   // bit i -> +16 on code i (bit 4 is clear)
+#else
     if (bits) q = _mm256_or_si256(q, bit16x32(bits));
+#endif
     b.q = _mm256_sub_epi8(q, _mm256_set1_epi8((char)sub));
 #else
     for (int i = 0; i < 16; i++) {
@@ -140,7 +144,11 @@ static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh
     if (qh) {
         const __m256i m = _mm256_set1_epi8((char)(1 << bit));
         __m256i h = _mm256_loadu_si256((const __m256i*)qh);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        v = _mm256_mask_add_epi8(v, _mm256_test_epi8_mask(h, m), v, _mm256_set1_epi8(0x10));
+#else
         v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(0x10)));
+#endif
     }
     b.q = v;
 #else
@@ -246,9 +254,40 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
     const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t* wr = W + row * RBY;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        // 16 values per register; the codes are scaled once and FMA'd with every token row. Four
+        // accumulators per token (two halves x even/odd blocks) keep the FMA chains independent:
+        // with one, decode waits on FMA latency rather than on the weight stream.
+        __m512 acc[TB][4];
+        float mo[TB][2];   // offsets' sums, even and odd blocks
+        for (int t = 0; t < TB; t++) {
+            for (int a = 0; a < 4; a++) acc[t][a] = _mm512_setzero_ps();
+            mo[t][0] = mo[t][1] = 0.f;
+        }
+        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b.q))),
+                                            _mm512_set1_ps(b.s0));
+            const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b.q, 1))),
+                                            _mm512_set1_ps(b.s1));
+            for (int t = 0; t < TB; t++) {
+                const float* xp = x + t * K + 32 * j;
+                acc[t][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[t][a]);
+                acc[t][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[t][a + 1]);
+                if constexpr (QF<QT>::MIN) mo[t][a >> 1] += b.m * xs[t * NB + j];
+            }
+        };
+        int64_t j = 0;
+        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 2); }
+        if (j < NB) step(j, 0);
+        for (int t = 0; t < TB; t++)
+            y[t * ldy + row - r0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                                       _mm512_add_ps(acc[t][2], acc[t][3])))
+                                    + (mo[t][0] + mo[t][1]);
+#elif defined(__AVX2__)
         float ms[TB];
         for (int t = 0; t < TB; t++) ms[t] = 0.f;
-#if defined(__AVX2__)
         __m256 acc[TB];
         for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t j = 0; j < NB; j++) {
@@ -270,8 +309,8 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
         }
         for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + ms[t];
 #else
-        float acc[TB];
-        for (int t = 0; t < TB; t++) acc[t] = 0.f;
+        float ms[TB], acc[TB];
+        for (int t = 0; t < TB; t++) ms[t] = acc[t] = 0.f;
         for (int64_t j = 0; j < NB; j++) {
             Blk32 b;
             QF<QT>::block(wr, j, b);
