@@ -79,7 +79,7 @@ def compiled(request, tmp_path_factory):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
-@given(T=st.sampled_from([1, 2, 3, 4, 5, 17]), seed=st.integers(0, 2**31 - 1))
+@given(T=st.sampled_from([1, 2, 3, 4, 5, 7, 16, 17]), seed=st.integers(0, 2**31 - 1))
 def test_quantized_kernels_match_reference(compiled, T, seed):
     graph, weights, xs, exe = compiled
     rng = np.random.default_rng(seed)

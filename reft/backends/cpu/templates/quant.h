@@ -347,19 +347,29 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
     }
 }
 
+// Up to this many tokens, re-reading the quantized rows once per 4 tokens costs less than
+// dequantizing them to float32 for the sgemm (batched decode in the server: 16 sequences on
+// SmolLM2 Q4_1: 167 -> 186 output tokens/s at concurrency 16).
+#define QGEMV_MAX_T 16
+
 // y[:, 0 : r1 - r0] = x . W[r0:r1]^T: GEMV for decode batches, dequantized chunks + sgemm otherwise.
 // scratch holds T * K / 32 block sums (GEMV) or GEMM_CHUNK * K floats (GEMM).
 template <typename QT>
 static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int64_t r0, int64_t r1, float* y,
                          int64_t ldy, float* scratch) {
     const uint8_t* W = (const uint8_t*)Wq;
-    if (T <= GEMV_MAX_T) {
+    if (T <= QGEMV_MAX_T) {   // decode batches: GEMV over groups of up to 4 tokens
         if constexpr (QF<QT>::MIN) block_sums(x, T, K, scratch);
-        switch (T) {
-            case 1: qgemv<QT, 1>(x, scratch, K, W, r0, r1, y, ldy); break;
-            case 2: qgemv<QT, 2>(x, scratch, K, W, r0, r1, y, ldy); break;
-            case 3: qgemv<QT, 3>(x, scratch, K, W, r0, r1, y, ldy); break;
-            default: qgemv<QT, 4>(x, scratch, K, W, r0, r1, y, ldy); break;
+        const int64_t NB = K / 32;
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const float *xt = x + t0 * K, *st = scratch + t0 * NB;
+            float* yt = y + t0 * ldy;
+            switch (T - t0 < 4 ? T - t0 : 4) {
+                case 1: qgemv<QT, 1>(xt, st, K, W, r0, r1, yt, ldy); break;
+                case 2: qgemv<QT, 2>(xt, st, K, W, r0, r1, yt, ldy); break;
+                case 3: qgemv<QT, 3>(xt, st, K, W, r0, r1, yt, ldy); break;
+                default: qgemv<QT, 4>(xt, st, K, W, r0, r1, yt, ldy); break;
+            }
         }
         return;
     }
