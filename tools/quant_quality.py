@@ -31,10 +31,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp_util as lc  # noqa: E402
+
+from reft.runtime.perplexity import token_nll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct" / "reference_outputs.json"
@@ -55,13 +56,6 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def nll_rows(logits: np.ndarray, targets) -> np.ndarray:
-    z = logits.astype(np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    lse = (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[:, 0]
-    return lse - z[np.arange(len(targets)), np.asarray(targets)]
-
-
 def chunked_ppl(logits_of, tokens: list[int], n_ctx: int, bos: int | None) -> tuple[float, int]:
     """llama-perplexity's scheme: chunks of n_ctx, BOS-first, score positions n_ctx/2 .. n_ctx-2."""
     first, total, n = n_ctx // 2, 0.0, 0
@@ -70,14 +64,14 @@ def chunked_ppl(logits_of, tokens: list[int], n_ctx: int, bos: int | None) -> tu
         if bos is not None:
             chunk[0] = bos
         z = logits_of(chunk)
-        total += float(nll_rows(z[first:n_ctx - 1], chunk[first + 1:]).sum())
+        total += float(token_nll(z[first:n_ctx - 1], chunk[first + 1:]).sum())
         n += n_ctx - 1 - first
     return math.exp(total / n), n
 
 
 def full_ppl(logits_of, tokens: list[int]) -> float:
     z = logits_of(tokens)
-    return math.exp(float(nll_rows(z[:-1], tokens[1:]).mean()))
+    return math.exp(float(token_nll(z[:-1], tokens[1:]).mean()))
 
 
 _GGUF_TOKENIZER = None
