@@ -45,7 +45,8 @@ ROWS = [
     ("float32", "hf", ["--dtype", "float32"], "f32.gguf"),
     ("int8 (reft, per channel)", "hf", ["--quant", "int8"], None),
     ("int4-g32 (reft)", "hf", ["--quant", "int4", "--group-size", "32"], None),
-    ("int4-g64 (reft)", "hf", ["--quant", "int4", "--group-size", "64"], None),   # 128 does not divide 576
+    ("int4-g64 (reft)", "hf", ["--quant", "int4", "--group-size", "64"], None),
+    ("int4-g128 (reft)", "hf", ["--quant", "int4", "--group-size", "128"], None),   # 576-wide rows end in 64
     ("Q4_1 (original file)", "q4_1.gguf", [], "q4_1.gguf"),
     ("Q8_0", "q8_0.gguf", [], "q8_0.gguf"),
     ("Q4_K_M", "q4_k_m.gguf", [], "q4_k_m.gguf"),

@@ -7,13 +7,17 @@ row is a run of blocks (types.QUANT_DTYPES gives their sizes):
                                           (reft.quant holds their numpy reference)
   int8       reft's per-channel format: a row is its float32 scale, then K int8 codes;
              w = scale * q
-  int4_g{G}  reft's group-wise asymmetric format: a block of G values is float16 scale,
-             float16 min, then G/2 bytes of codes 0..15 (in each 32 values, byte j holds value j
-             in its low nibble and j + 16 in its high one); w = scale * q + min
+  int4_g{G}  reft's group-wise asymmetric format: a block of G values (the last block of a row
+             may be shorter, a multiple of 32) is float16 scale, float16 min, then G/2 bytes of
+             codes 0..15 (in each 32 values, byte j holds value j in its low nibble and j + 16 in
+             its high one); w = scale * q + min
 
 Ops that read weights (linear, linear_glu, qkv_rope, embedding) get a `QTensor` from the
 reference executor and dequantize it to float32 before computing as they do for float weights;
-the kernels of other backends read the same bytes.
+the kernels of other backends read the same bytes. Matmuls on llama.cpp's types also round
+their activations to int16 per block of 32 values (`quantize_activations`; llama.cpp rounds to
+int8), so kernels can use integer dot products; reft's int8/int4 formats are weight-only (float
+activations).
 """
 from __future__ import annotations
 
@@ -32,6 +36,18 @@ def ir_dtype_of_ggml(type_name: str) -> str | None:
     return next((k for k, v in GGML_NAMES.items() if v == type_name), None)
 
 
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x[..., K] float32 rounded to int16 codes per block of 32 values and back: d = max|x| / 32767,
+    code = round-half-even(x * (1 / d)). What a matmul on a llama.cpp block type multiplies."""
+    x = np.asarray(x, dtype=np.float32)
+    b = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    d = (np.abs(b).max(axis=-1, keepdims=True) / np.float32(32767)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(b * inv), -32768, 32767)
+    return (q * d).astype(np.float32).reshape(x.shape)
+
+
 def dequantize_rows(raw: np.ndarray, dtype: str, k: int) -> np.ndarray:
     """uint8[n, row_bytes] rows of `dtype` -> float32[n, k]."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(dtype, k))
@@ -43,13 +59,19 @@ def dequantize_rows(raw: np.ndarray, dtype: str, k: int) -> np.ndarray:
     if dtype == "int8":
         scale = raw[:, :4].copy().view(np.float32)                          # (n, 1)
         return raw[:, 4:].view(np.int8).astype(np.float32) * scale
+    from ..quant.reft_formats import group_sizes
+
     g = QUANT_DTYPES[dtype][0]
-    blocks = raw.reshape(n, k // g, 4 + g // 2)
-    scale = blocks[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # (n, k/g, 1)
-    mn = blocks[:, :, 2:4].copy().view(np.float16).astype(np.float32)
-    codes = blocks[:, :, 4:].reshape(n, k // g, g // 32, 16)
-    q = np.concatenate([codes & 0x0F, codes >> 4], axis=-1).reshape(n, k // g, g)
-    return (q.astype(np.float32) * scale + mn).reshape(n, k)
+    out, at = [], 0
+    for size in group_sizes(k, g):   # whole groups, then a shorter last one where g does not divide k
+        block = raw[:, at:at + 4 + size // 2]
+        at += 4 + size // 2
+        scale = block[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n, 1)
+        mn = block[:, 2:4].copy().view(np.float16).astype(np.float32)
+        codes = block[:, 4:].reshape(n, size // 32, 16)
+        q = np.concatenate([codes & 0x0F, codes >> 4], axis=-1).reshape(n, size)
+        out.append(q.astype(np.float32) * scale + mn)
+    return np.concatenate(out, axis=1)
 
 
 def quantize_weight(w: np.ndarray, dtype: str) -> np.ndarray:
@@ -66,10 +88,11 @@ def quantize_weight(w: np.ndarray, dtype: str) -> np.ndarray:
         return np.concatenate([q.scale.reshape(n, 1).view(np.uint8), q.q.view(np.uint8)], axis=1)
     g = QUANT_DTYPES[dtype][0]
     q = quantize_int4(w, g)
-    codes = q.q.reshape(n, k // g, g // 2)
-    head = np.concatenate([q.scale.reshape(n, k // g, 1).view(np.uint8), q.min.reshape(n, k // g, 1).view(np.uint8)],
-                          axis=2)
-    return np.ascontiguousarray(np.concatenate([head, codes], axis=2).reshape(n, row_bytes(dtype, k)))
+    parts = []
+    for i, start in enumerate(range(0, k, g)):   # [scale][min][codes] per group, the last maybe short
+        parts += [q.scale[:, i:i + 1].view(np.uint8), q.min[:, i:i + 1].view(np.uint8),
+                  q.q[:, start // 2:min(start + g, k) // 2]]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
 class QTensor:
@@ -80,6 +103,7 @@ class QTensor:
         if raw.dtype != np.uint8 or tuple(raw.shape) != want:
             raise ValueError(f"a {t} weight is stored as uint8{list(want)}, got {raw.dtype}{list(raw.shape)}")
         self.raw, self.dtype, self.shape = raw, t.dtype, tuple(t.shape)
+        self.int16_activations = t.dtype in GGML_NAMES   # see quantize_activations
         self._f32 = None
 
     def dequantize(self) -> np.ndarray:

@@ -60,6 +60,11 @@ def row_bytes(dtype: str, k: int) -> int:
     bv, bb = QUANT_DTYPES[dtype]
     if bv == 0:
         return bb + k
+    if dtype.startswith("int4_"):   # the last group of a row may be short (a multiple of 32 values)
+        if k % 32:
+            raise TypeError(f"{dtype} needs rows of a multiple of 32 values, got {k}")
+        tail = k % bv
+        return k // bv * bb + (4 + tail // 2 if tail else 0)
     if k % bv:
         raise TypeError(f"{dtype} needs rows of a multiple of {bv} values, got {k}")
     return k // bv * bb

@@ -65,8 +65,7 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
         try:
             w.out.type = TensorType(w.out.shape, dtype)
         except TypeError:
-            raise ReftError(f"--quant {mode}: groups of {dtype.rsplit('_g', 1)[-1]} do not divide the {k} inputs of"
-                            f" {w.name}; pick a --group-size that divides {k}") from None
+            raise ReftError(f"--quant {mode}: {w.name} has {k} inputs; {dtype} needs a multiple of 32") from None
         ctx.weights.transform(w.name, lambda a, dt=dtype: quantize_weight(a, dt))
         ctx.count(f"to_{dtype}")
         done.add(w.name)

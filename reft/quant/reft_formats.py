@@ -3,8 +3,9 @@
   int8  per output channel, symmetric:  w[o, i] ~= scale[o] * q[o, i]
         q int8[out, in] in [-127, 127], scale float32[out] = max|w[o]| / 127
   int4  per group of g (32, 64, 128) input values, asymmetric:  w ~= scale * q + min
-        q uint8[out, in/2] (two codes a byte), scale/min float16[out, in/g], codes 0..15,
-        scale = (max - min) / 15 of the group
+        q uint8[out, in/2] (two codes a byte), scale/min float16[out, ceil(in/g)], codes 0..15,
+        scale = (max - min) / 15 of the group; where g does not divide the row (576 inputs in
+        groups of 128) its last group is shorter, a multiple of 32 values
 
 Both round to nearest (ties to even, as torch's quantizers do). int4 codes are computed against
 the float16 scale and min actually stored, so the rounding error is at most half a step of
@@ -79,15 +80,18 @@ class Int4Weights:
         return nibbles(self.q.reshape(out, n // 32, 16)).reshape(out, n)
 
     def dequantize(self) -> np.ndarray:
-        out, n = self.shape
-        g = self.group_size
-        q = self.codes().reshape(out, n // g, g).astype(np.float32)
-        w = q * self.scale.astype(np.float32)[:, :, None] + self.min.astype(np.float32)[:, :, None]
-        return w.reshape(out, n)
+        sizes = group_sizes(self.shape[1], self.group_size)
+        scale = np.repeat(self.scale.astype(np.float32), sizes, axis=1)
+        return self.codes().astype(np.float32) * scale + np.repeat(self.min.astype(np.float32), sizes, axis=1)
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes + self.min.nbytes
+
+
+def group_sizes(n: int, group_size: int) -> np.ndarray:
+    """Values in each group of a row of n: group_size, ..., then the remainder if any."""
+    return np.diff(np.append(np.arange(0, n, group_size), n))
 
 
 def quantize_int4(w, group_size: int = 32) -> Int4Weights:
@@ -95,13 +99,14 @@ def quantize_int4(w, group_size: int = 32) -> Int4Weights:
     if group_size not in GROUP_SIZES:
         raise ReftError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     out, n = w.shape
-    if n % group_size:
-        raise ReftError(f"int4 with groups of {group_size} needs rows of a multiple of {group_size} values, got {n}")
-    groups = w.reshape(out, n // group_size, group_size)
-    lo, hi = groups.min(axis=2), groups.max(axis=2)
+    if n % 32:
+        raise ReftError(f"int4 needs rows of a multiple of 32 values, got {n}")
+    starts, sizes = np.arange(0, n, group_size), group_sizes(n, group_size)
+    lo, hi = np.minimum.reduceat(w, starts, axis=1), np.maximum.reduceat(w, starts, axis=1)
     lo16 = lo.astype(np.float16)
     scale16 = ((hi - lo) / np.float32(15)).astype(np.float16)
-    step, base = scale16.astype(np.float32)[:, :, None], lo16.astype(np.float32)[:, :, None]
-    q = np.clip(np.rint(_safe_div(groups - base, step)), 0, 15).astype(np.uint8).reshape(out, n)
+    step = np.repeat(scale16.astype(np.float32), sizes, axis=1)
+    base = np.repeat(lo16.astype(np.float32), sizes, axis=1)
+    q = np.clip(np.rint(_safe_div(w - base, step)), 0, 15).astype(np.uint8)
     packed = pack_nibbles(q.reshape(out, n // 32, 32)).reshape(out, n // 2)
     return Int4Weights(packed, scale16, lo16, group_size)

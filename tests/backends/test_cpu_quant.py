@@ -44,6 +44,8 @@ def build():
     for dt in QTYPES:
         k = QUANT_DTYPES[dt][0] if QUANT_DTYPES[dt][0] >= 128 else 64   # one or two blocks of 128/256 per row
         k *= 2 if dt.endswith("_k") else 3
+        if dt.startswith("int4"):
+            k = 480   # int4_g64 / g128 rows end in a short group (32 / 96 values)
         x = b.input(f"x_{dt}", ("T", k), "float32")
         xs[dt] = k
         n = 13 if dt != "q6_k" else 40                # rows not a multiple of the 8-row split quantum
@@ -68,9 +70,9 @@ def build():
     return b.graph, weights, xs
 
 
-@pytest.fixture(scope="module", params=["host", "generic"])
+@pytest.fixture(scope="module", params=["host", "avx2", "generic"])
 def compiled(request, tmp_path_factory):
-    """The host's target (AVX-512 / AVX2 kernels) and the portable scalar fallback."""
+    """The host's target (AVX-512 here), AVX2, and the portable scalar fallback."""
     graph, weights, xs = build()
     target = None if request.param == "host" else request.param
     exe = compile_graph(graph, weights, tmp_path_factory.mktemp("quant"), max_tokens=32, threads=2, target=target)

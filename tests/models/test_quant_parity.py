@@ -115,6 +115,9 @@ def test_gguf_blocks_stay_quantized_and_cpu_matches_reference(qtype, tmp_path):
     assert len(names) == 32
     assert q["method"] == "gguf" and q["matrices"] == {qtype.lower(): 17, "float32": 5}
     prompt = ids(12, seed=3)
-    assert np.abs(engines["cpu"].logits(prompt) - engines["reference"].logits(prompt)).max() < 1e-3
+    # activations are rounded to int16 per block (quantize_activations): a last-bit difference
+    # upstream can move a code by one step (1/32767 of the block's max), hence a relative bound
+    ref = engines["reference"].logits(prompt)
+    assert np.abs(engines["cpu"].logits(prompt) - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     req = lambda: GenerationRequest(prompt, 16, SamplingParams(temperature=0.0))  # noqa: E731
     assert list(generate(engines["cpu"], req())) == list(generate(engines["reference"], req()))

@@ -14,6 +14,7 @@ import numpy as np
 from ...errors import PlanError
 from ...ir import Graph, Node, Value, ops
 from ...ir.ops.nn import rope_inv_freq
+from ...ir.quantized import GGML_NAMES
 from ...passes.plan_memory import MemoryPlan, plan_memory
 
 CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
@@ -172,15 +173,20 @@ class Lowering:
             if v.dtype != "float32":
                 raise Unsupported(f"cpu backend: {n.op} needs float32 activations, got {v.dtype}")
 
-    def _linear_scratch(self, K: int) -> None:
-        self.need_scratch(GEMM_CHUNK * K)
+    def _act_scratch(self, w: Value, K: int) -> int:
+        """Floats a prompt-sized matmul on llama.cpp's block types takes for its int16-rounded
+        activations (codes, scales and their float32 values: quant.h qmatmul_rows)."""
+        return self.max_tokens * (K + K // 32 + K // 2) if w.dtype in GGML_NAMES else 0
+
+    def _linear_scratch(self, w: Value, K: int) -> None:
+        self.need_scratch(GEMM_CHUNK * K + self._act_scratch(w, K))
 
     def op_linear(self, n: Node):
         x, w = n.inputs[:2]
         self._f32_activation(n, x, *n.inputs[2:])
         self.require_packed(n, w)
         K, N = w.shape[1], w.shape[0]
-        self._linear_scratch(K)
+        self._linear_scratch(w, K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
         self.emit("k_linear", [ct(w.dtype), K, N], [self.ptr(x), self.rows(x), self.ptr(w), b, self.out(n.out), "scr"])
 
@@ -189,7 +195,8 @@ class Lowering:
         self._f32_activation(n, x, *n.inputs[2:])
         self.require_packed(n, w)
         K, F = w.shape[1], w.shape[0] // 2
-        self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K)
+        self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K
+                          + self._act_scratch(w, K))
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
         act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
         self.emit("k_linear_glu", [ct(w.dtype), K, F, act], [self.ptr(x), self.rows(x), self.ptr(w), b,
@@ -214,7 +221,7 @@ class Lowering:
         H, Hkv, D, rot = a["heads"], a["kv_heads"], a["head_dim"], a["rotary_dim"]
         K = w.shape[1]
         self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(GEMM_CHUNK, D), GEMV_MAX_T * (H + 2 * Hkv) * D)
-                          + max(GEMM_CHUNK, D) * K)
+                          + max(GEMM_CHUNK, D) * K + self._act_scratch(w, K))
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
         q, k, v = (self.out(o) for o in n.outputs)
         self.emit("k_qkv_rope", [ct(w.dtype), ct(pos.dtype), K, H, Hkv, D, rot],

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ..types import FLOAT_DTYPES, TensorType, np_dtype
-from ..quantized import QTensor
+from ..quantized import QTensor, quantize_activations
 from .registry import CONTRACTION, REDUCTION, check, f32, is_float, is_weight, op
 
 
@@ -44,7 +44,10 @@ def _linear_infer(ts, a):
 
 def _linear_ref(xs, a):
     x, w = xs[0], xs[1]
-    y = f32(x) @ f32(w).T
+    xf = f32(x)
+    if isinstance(w, QTensor) and w.int16_activations:
+        xf = quantize_activations(xf)
+    y = xf @ f32(w).T
     if len(xs) == 3:
         y = y + f32(xs[2])
     return [y.astype(x.dtype)]

@@ -2,6 +2,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <vector>
+#include <type_traits>
 #include <math.h>
 #include <omp.h>
 #if defined(__AVX512F__)

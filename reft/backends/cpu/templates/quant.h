@@ -83,6 +83,7 @@ static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); 
 template <typename QT> struct QF;
 
 template <> struct QF<q8_0_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 34; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -92,6 +93,7 @@ template <> struct QF<q8_0_t> {
     }
 };
 template <> struct QF<q4_0_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 18; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -101,6 +103,7 @@ template <> struct QF<q4_0_t> {
     }
 };
 template <> struct QF<q4_1_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 20; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -110,6 +113,7 @@ template <> struct QF<q4_1_t> {
     }
 };
 template <> struct QF<q5_0_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 22; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -119,6 +123,7 @@ template <> struct QF<q5_0_t> {
     }
 };
 template <> struct QF<q5_1_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 32 * 24; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -158,6 +163,7 @@ static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh
 }
 
 template <> struct QF<q4_k_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 144; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -170,6 +176,7 @@ template <> struct QF<q4_k_t> {
     }
 };
 template <> struct QF<q5_k_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = true;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 176; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -182,6 +189,7 @@ template <> struct QF<q5_k_t> {
     }
 };
 template <> struct QF<q6_k_t> {
+    static constexpr bool AQ = true;    // int16 activations (quantize_act)
     static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K / 256 * 210; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -207,7 +215,9 @@ template <> struct QF<q6_k_t> {
 };
 
 // reft's formats: int8 rows are [float32 scale][K int8]; int4 groups of G are [f16 scale][f16 min][G/2 nibbles]
+// (a row's last group holds K % G values where G does not divide K)
 template <> struct QF<int8_t_> {
+    static constexpr bool AQ = false;   // weight-only: float activations
     static constexpr bool MIN = false;   // offsets m != 0
     static int64_t row_bytes(int64_t K) { return K + 4; }
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
@@ -217,8 +227,9 @@ template <> struct QF<int8_t_> {
     }
 };
 template <int G> struct QF<int4_t_<G>> {
+    static constexpr bool AQ = false;   // weight-only: float activations
     static constexpr bool MIN = true;
-    static int64_t row_bytes(int64_t K) { return K / G * (4 + G / 2); }
+    static int64_t row_bytes(int64_t K) { return K / G * (4 + G / 2) + (K % G ? 4 + K % G / 2 : 0); }   // short last group
     static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j / (G / 32)) * (4 + G / 2);
         b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
@@ -327,6 +338,118 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
     }
 }
 
+// -- int16 activations: matmuls on llama.cpp's block types round their activations to int16 per
+//    32 values (codes rint(x / d), d = max|x| / 32767) and decode runs on integer dot products of
+//    codes, one float scale per block: fewer and narrower instructions than widening every code to
+//    float32 (SmolLM2 Q4_K_M 2T tg 135 -> 160 t/s). 16 bits, not llama.cpp's 8: its int8 rounding
+//    is noise that flips near-tied greedy choices (SmolLM2 Q4_1 then no longer answers "Paris").
+//    The reference executor rounds the same way (reft/ir/quantized.py: quantize_activations).
+template <typename QT> constexpr bool two_scales = std::is_same<QT, q6_k_t>::value;   // s0 != s1
+
+// codes qx[t * K + i] and scales dx[t * NB + j] of x[T, K]; xs[t * NB + j] (if given) = sum of the
+// block's rounded values; xh (if given) = the rounded activations as float32 (prompt path)
+static void quantize_act(const float* x, int64_t T, int64_t K, int16_t* qx, float* dx, float* xs, float* xh) {
+    const int64_t NB = K / 32;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < NB; j++) {
+            const float* p = x + t * K + 32 * j;
+            int16_t* q = qx + t * K + 32 * j;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const float d = amax / 32767.f, id = d != 0.f ? 1.f / d : 0.f;
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));   // nearest even
+            const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
+            _mm256_storeu_si256((__m256i*)q, _mm512_cvtsepi32_epi16(qa));
+            _mm256_storeu_si256((__m256i*)(q + 16), _mm512_cvtsepi32_epi16(qb));
+            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(p[i]));
+            const float d = amax / 32767.f, id = d != 0.f ? 1.f / d : 0.f;
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                float r = nearbyintf(p[i] * id);
+                q[i] = (int16_t)(r > 32767.f ? 32767 : r < -32768.f ? -32768 : (int)r);
+                sum += q[i];
+            }
+#endif
+            dx[t * NB + j] = d;
+            if (xs) xs[t * NB + j] = d * (float)sum;
+            if (xh)
+                for (int i = 0; i < 32; i++) xh[t * K + 32 * j + i] = (float)q[i] * d;
+        }
+}
+
+// y[t, row - r0] (ldy) = xq[t] . W[row] for rows [r0, r1), TB token rows of int16 activations
+template <typename QT, int TB>
+static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_t K, const uint8_t* W, int64_t r0,
+                     int64_t r1, float* y, int64_t ldy) {
+    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t* wr = W + row * RBY;
+        float mo[TB];   // offsets' sums
+        for (int t = 0; t < TB; t++) mo[t] = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        __m512 acc[TB][2];   // even and odd blocks: two independent FMA chains
+        for (int t = 0; t < TB; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            const __m512i w = _mm512_cvtepi8_epi16(b.q);   // lanes 0-7 of the pair sums: values 0-15
+            __m512 s;
+            if constexpr (two_scales<QT>)
+                s = _mm512_insertf32x8(_mm512_set1_ps(b.s0), _mm256_set1_ps(b.s1), 1);
+            else
+                s = _mm512_set1_ps(b.s0);
+            for (int t = 0; t < TB; t++) {
+                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(qx + t * K + 32 * j));
+                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(dx[t * NB + j]));
+                acc[t][a] = _mm512_fmadd_ps(f, s, acc[t][a]);
+                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
+            }
+        };
+        int64_t j = 0;
+        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
+        if (j < NB) step(j, 0);
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + mo[t];
+#elif defined(__AVX2__)
+        __m256 acc[TB];
+        for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < NB; j++) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b.q));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b.q, 1));
+            for (int t = 0; t < TB; t++) {
+                const int16_t* xq = qx + t * K + 32 * j;
+                const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xq)));
+                const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xq + 16))));
+                const __m256 f = _mm256_fmadd_ps(p1, _mm256_set1_ps(b.s1), _mm256_mul_ps(p0, _mm256_set1_ps(b.s0)));
+                acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(dx[t * NB + j]), acc[t]);
+                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
+            }
+        }
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + mo[t];
+#else
+        float acc[TB];
+        for (int t = 0; t < TB; t++) acc[t] = 0.f;
+        for (int64_t j = 0; j < NB; j++) {
+            Blk32 b;
+            QF<QT>::block(wr, j, b);
+            for (int t = 0; t < TB; t++) {
+                const int16_t* xq = qx + t * K + 32 * j;
+                int32_t a = 0, c = 0;
+                for (int i = 0; i < 16; i++) { a += (int32_t)b.q[i] * xq[i]; c += (int32_t)b.q[i + 16] * xq[i + 16]; }
+                acc[t] += ((float)a * b.s0 + (float)c * b.s1) * dx[t * NB + j];
+                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
+            }
+        }
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = acc[t] + mo[t];
+#endif
+    }
+}
+
 // out[0:K] = row of W as float32
 template <typename QT>
 static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
@@ -358,26 +481,55 @@ template <typename QT>
 static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int64_t r0, int64_t r1, float* y,
                          int64_t ldy, float* scratch) {
     const uint8_t* W = (const uint8_t*)Wq;
+    const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K);
     if (T <= QGEMV_MAX_T) {   // decode batches: GEMV over groups of up to 4 tokens
-        if constexpr (QF<QT>::MIN) block_sums(x, T, K, scratch);
-        const int64_t NB = K / 32;
-        for (int64_t t0 = 0; t0 < T; t0 += 4) {
-            const float *xt = x + t0 * K, *st = scratch + t0 * NB;
-            float* yt = y + t0 * ldy;
-            switch (T - t0 < 4 ? T - t0 : 4) {
-                case 1: qgemv<QT, 1>(xt, st, K, W, r0, r1, yt, ldy); break;
-                case 2: qgemv<QT, 2>(xt, st, K, W, r0, r1, yt, ldy); break;
-                case 3: qgemv<QT, 3>(xt, st, K, W, r0, r1, yt, ldy); break;
-                default: qgemv<QT, 4>(xt, st, K, W, r0, r1, yt, ldy); break;
+        if constexpr (QF<QT>::AQ) {
+            float *dx = scratch, *xs = dx + T * NB;
+            int16_t* qx = (int16_t*)(xs + T * NB);
+            quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
+            // a few rows at a time, every token group: the rows' bytes come from memory once
+            for (int64_t c = r0; c < r1; c += 16) {
+                const int64_t c1 = r1 - c < 16 ? r1 : c + 16;
+                for (int64_t t0 = 0; t0 < T; t0 += 4) {
+                    const int16_t* q = qx + t0 * K;
+                    const float *d = dx + t0 * NB, *s = xs + t0 * NB;
+                    float* yt = y + t0 * ldy + (c - r0);
+                    const uint8_t* Wc = W + c * RBY;
+                    switch (T - t0 < 4 ? T - t0 : 4) {
+                        case 1: qgemv_aq<QT, 1>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
+                        case 2: qgemv_aq<QT, 2>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
+                        case 3: qgemv_aq<QT, 3>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
+                        default: qgemv_aq<QT, 4>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
+                    }
+                }
+            }
+        } else {
+            if constexpr (QF<QT>::MIN) block_sums(x, T, K, scratch);
+            for (int64_t t0 = 0; t0 < T; t0 += 4) {
+                const float *xt = x + t0 * K, *st = scratch + t0 * NB;
+                float* yt = y + t0 * ldy;
+                switch (T - t0 < 4 ? T - t0 : 4) {
+                    case 1: qgemv<QT, 1>(xt, st, K, W, r0, r1, yt, ldy); break;
+                    case 2: qgemv<QT, 2>(xt, st, K, W, r0, r1, yt, ldy); break;
+                    case 3: qgemv<QT, 3>(xt, st, K, W, r0, r1, yt, ldy); break;
+                    default: qgemv<QT, 4>(xt, st, K, W, r0, r1, yt, ldy); break;
+                }
             }
         }
         return;
     }
-    const int64_t RBY = QF<QT>::row_bytes(K);
+    float* wbuf = scratch;
+    if constexpr (QF<QT>::AQ) {   // the same rounded activations as decode, through the sgemm
+        float *xh = scratch, *dx = xh + T * K;
+        int16_t* qx = (int16_t*)(dx + T * NB);
+        quantize_act(x, T, K, qx, dx, nullptr, xh);
+        x = xh;
+        wbuf = xh + T * K + T * NB + T * K / 2;
+    }
     for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
         int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
-        for (int64_t i = 0; i < n; i++) qrow_f32<QT>(W + (c + i) * RBY, K, scratch + i * K);
-        gemm_f32(x, T, K, scratch, n, y + (c - r0), ldy);
+        for (int64_t i = 0; i < n; i++) qrow_f32<QT>(W + (c + i) * RBY, K, wbuf + i * K);
+        gemm_f32(x, T, K, wbuf, n, y + (c - r0), ldy);
     }
 }
 
