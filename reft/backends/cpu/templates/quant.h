@@ -2,9 +2,11 @@
 // A quantized weight [N, K] is N rows of raw blocks, exactly as reft/ir/quantized.py describes
 // (GGUF's bytes for llama.cpp types). Every format is read 32 values at a time: QF<T>::block()
 // decodes sub-block j of a row into a Blk32 (32 int8 codes, a scale per 16 values, one offset),
-// w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once: the codes are widened to float32 in
-// registers and multiplied with up to 4 token rows of x (sum of m * x comes from per-block sums of
-// x computed once per call). Prompt batches dequantize chunks of rows to float32 for the sgemm.
+// w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once and multiplies each block with up to 4
+// token rows of x: llama.cpp's types as integer dot products with x rounded to int16 (quantize_act),
+// reft's weight-only int8/int4 with the codes widened to float32 (sum of m * x comes from per-block
+// sums of x computed once per call). Prompt batches dequantize chunks of rows to float32 for the
+// sgemm.
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -341,7 +343,7 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
 // -- int16 activations: matmuls on llama.cpp's block types round their activations to int16 per
 //    32 values (codes rint(x / d), d = max|x| / 32767) and decode runs on integer dot products of
 //    codes, one float scale per block: fewer and narrower instructions than widening every code to
-//    float32 (SmolLM2 Q4_K_M 2T tg 135 -> 160 t/s). 16 bits, not llama.cpp's 8: its int8 rounding
+//    float32 (SmolLM2 Q4_K_M 1T tg 75.6 -> 93.8 t/s). 16 bits, not llama.cpp's 8: its int8 rounding
 //    is noise that flips near-tied greedy choices (SmolLM2 Q4_1 then no longer answers "Paris").
 //    The reference executor rounds the same way (reft/ir/quantized.py: quantize_activations).
 template <typename QT> constexpr bool two_scales = std::is_same<QT, q6_k_t>::value;   // s0 != s1
@@ -470,51 +472,46 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
     }
 }
 
-// Up to this many tokens, re-reading the quantized rows once per 4 tokens costs less than
-// dequantizing them to float32 for the sgemm (batched decode in the server: 16 sequences on
-// SmolLM2 Q4_1: 167 -> 186 output tokens/s at concurrency 16).
+// rows [0, n) of W for tokens t0 .. t0 + TB - 1, by the kernel the format multiplies with
+template <typename QT, int TB>
+static inline void qgemv_tokens(const float* x, const int16_t* qx, const float* dx, const float* xs, int64_t t0,
+                                int64_t K, const uint8_t* W, int64_t n, float* y, int64_t ldy) {
+    const int64_t NB = K / 32;
+    if constexpr (QF<QT>::AQ) qgemv_aq<QT, TB>(qx + t0 * K, dx + t0 * NB, xs + t0 * NB, K, W, 0, n, y, ldy);
+    else qgemv<QT, TB>(x + t0 * K, xs + t0 * NB, K, W, 0, n, y, ldy);
+}
+
+// Up to this many tokens, decoding each block once per 4 tokens costs less than dequantizing the
+// rows to float32 for the sgemm (batched decode in the server: 16 sequences on SmolLM2 Q4_1:
+// 167 -> 186 output tokens/s at concurrency 16).
 #define QGEMV_MAX_T 16
 
 // y[:, 0 : r1 - r0] = x . W[r0:r1]^T: GEMV for decode batches, dequantized chunks + sgemm otherwise.
-// scratch holds T * K / 32 block sums (GEMV) or GEMM_CHUNK * K floats (GEMM).
+// scratch holds the GEMV's activation codes, scales and block sums (T * (K / 2 + K / 16) floats),
+// or the GEMM's rounded activations (lower.py: _act_scratch) and GEMM_CHUNK * K floats.
 template <typename QT>
 static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int64_t r0, int64_t r1, float* y,
                          int64_t ldy, float* scratch) {
     const uint8_t* W = (const uint8_t*)Wq;
     const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K);
     if (T <= QGEMV_MAX_T) {   // decode batches: GEMV over groups of up to 4 tokens
-        if constexpr (QF<QT>::AQ) {
-            float *dx = scratch, *xs = dx + T * NB;
-            int16_t* qx = (int16_t*)(xs + T * NB);
-            quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
-            // a few rows at a time, every token group: the rows' bytes come from memory once
-            for (int64_t c = r0; c < r1; c += 16) {
-                const int64_t c1 = r1 - c < 16 ? r1 : c + 16;
-                for (int64_t t0 = 0; t0 < T; t0 += 4) {
-                    const int16_t* q = qx + t0 * K;
-                    const float *d = dx + t0 * NB, *s = xs + t0 * NB;
-                    float* yt = y + t0 * ldy + (c - r0);
-                    const uint8_t* Wc = W + c * RBY;
-                    switch (T - t0 < 4 ? T - t0 : 4) {
-                        case 1: qgemv_aq<QT, 1>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
-                        case 2: qgemv_aq<QT, 2>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
-                        case 3: qgemv_aq<QT, 3>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
-                        default: qgemv_aq<QT, 4>(q, d, s, K, Wc, 0, c1 - c, yt, ldy); break;
-                    }
-                }
-            }
-        } else {
-            if constexpr (QF<QT>::MIN) block_sums(x, T, K, scratch);
-            for (int64_t t0 = 0; t0 < T; t0 += 4) {
-                const float *xt = x + t0 * K, *st = scratch + t0 * NB;
-                float* yt = y + t0 * ldy;
+        // per call: int16 activations (llama.cpp's types) and per-block sums of x (formats with offsets)
+        float *dx = scratch, *xs = dx + T * NB;
+        int16_t* qx = (int16_t*)(xs + T * NB);
+        if constexpr (QF<QT>::AQ) quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
+        else if constexpr (QF<QT>::MIN) block_sums(x, T, K, xs);
+        // 16 rows at a time for every token group: the rows' bytes come from memory once
+        for (int64_t c = r0; c < r1; c += 16) {
+            const int64_t n = r1 - c < 16 ? r1 - c : 16;
+            const uint8_t* Wc = W + c * RBY;
+            float* yc = y + (c - r0);
+            for (int64_t t0 = 0; t0 < T; t0 += 4)
                 switch (T - t0 < 4 ? T - t0 : 4) {
-                    case 1: qgemv<QT, 1>(xt, st, K, W, r0, r1, yt, ldy); break;
-                    case 2: qgemv<QT, 2>(xt, st, K, W, r0, r1, yt, ldy); break;
-                    case 3: qgemv<QT, 3>(xt, st, K, W, r0, r1, yt, ldy); break;
-                    default: qgemv<QT, 4>(xt, st, K, W, r0, r1, yt, ldy); break;
+                    case 1: qgemv_tokens<QT, 1>(x, qx, dx, xs, t0, K, Wc, n, yc + t0 * ldy, ldy); break;
+                    case 2: qgemv_tokens<QT, 2>(x, qx, dx, xs, t0, K, Wc, n, yc + t0 * ldy, ldy); break;
+                    case 3: qgemv_tokens<QT, 3>(x, qx, dx, xs, t0, K, Wc, n, yc + t0 * ldy, ldy); break;
+                    default: qgemv_tokens<QT, 4>(x, qx, dx, xs, t0, K, Wc, n, yc + t0 * ldy, ldy); break;
                 }
-            }
         }
         return;
     }
