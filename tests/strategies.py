@@ -86,9 +86,9 @@ def _embedding(draw):
 
 
 @st.composite
-def _linear(draw):
+def _linear(draw, lead=shapes(0, 2), size=dims):
     rng = _rng(draw)
-    lead, K, N = draw(shapes(0, 2)), draw(dims), draw(dims)
+    lead, K, N = draw(lead), draw(size), draw(size)
     xs = [rand(rng, lead + (K,), draw(float_dtypes)), rand(rng, (N, K), draw(float_dtypes))]
     if draw(st.booleans()):
         xs.append(rand(rng, (N,), draw(float_dtypes)))
@@ -319,9 +319,9 @@ def _add_rms_norm(draw):
 
 
 @st.composite
-def _linear_glu(draw):
+def _linear_glu(draw, tokens=dims):
     rng = _rng(draw)
-    T, K, F = draw(dims), draw(st.integers(1, 40)), draw(st.integers(1, 24))
+    T, K, F = draw(tokens), draw(st.integers(1, 40)), draw(st.integers(1, 24))
     xs = [rand(rng, (T, K), draw(float_dtypes)), rand(rng, (2 * F, K), draw(float_dtypes))]
     if draw(st.booleans()):
         xs.append(rand(rng, (2 * F,), draw(float_dtypes)))
@@ -329,9 +329,9 @@ def _linear_glu(draw):
 
 
 @st.composite
-def _qkv_rope(draw):
+def _qkv_rope(draw, tokens=dims):
     rng = _rng(draw)
-    T, K = draw(dims), draw(st.integers(1, 40))
+    T, K = draw(tokens), draw(st.integers(1, 40))
     Hkv = draw(st.integers(1, 3))
     H, D = Hkv * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 6))
     dt = draw(float_dtypes)
@@ -370,6 +370,13 @@ OP_CASES: dict[str, st.SearchStrategy] = {
     "kv_cache_write": _kv_cache_write(),
     "paged_attention": _paged_attention(),
 }
+
+
+def matmul_cases(tokens: st.SearchStrategy[int]) -> dict[str, st.SearchStrategy]:
+    """linear / linear_glu / qkv_rope cases with `tokens` rows of x (K up to 40: whole and partial
+    16-value chunks)."""
+    return {"linear": _linear(tokens.map(lambda t: (t,)), st.integers(1, 40)),
+            "linear_glu": _linear_glu(tokens), "qkv_rope": _qkv_rope(tokens)}
 
 
 def op_cases(op: str | None = None) -> st.SearchStrategy:

@@ -22,7 +22,7 @@ CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int
 CTYPE.update({q: f"{q}_t" for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")})
 CTYPE.update({"int8": "int8_t_", "int4_g32": "int4_t_<32>", "int4_g64": "int4_t_<64>", "int4_g128": "int4_t_<128>"})
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
-GEMV_MAX_T, GEMM_CHUNK, RB = 4, 256, 8      # keep in step with templates/linear.h
+GEMV_MAX_T, GEMM_CHUNK, RB = 64, 256, 8     # keep in step with templates/linear.h (its AVX-512 GEMV_MAX_T)
 # consumers that read a weight matrix in the packed layout: op -> index of the weight input
 PACKED_READERS = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
 PACKED = "rows8x16"
