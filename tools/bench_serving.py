@@ -4,19 +4,22 @@
 Like vLLM's serving benchmark with its random dataset: every request has a prompt of a random
 length (uniform in input_len x [1 - range, 1 + range]) cut from tokenized filler text, and asks
 for a random number of output tokens (the same rule on output_len), greedy, with ignore_eos so
-it generates exactly that many. Prompts and lengths are seeded, so runs are comparable.
+it generates exactly that many. Prompts and lengths are seeded, so runs are comparable; the
+server's prefix cache remembers them, though, so time each run against a fresh server (or
+another --seed).
 
 Reports request throughput, output tokens/s, TTFT (time to first token) and TPOT (time per
 output token after the first, per request) at p50 / p99, and the mean streaming rate 1 / TPOT.
 
     reft run plan/ --serve --port 8000 &
-    python tools/bench_serving.py --base-url http://127.0.0.1:8000 -n 64 -c 16
+    python tools/bench_serving.py --base-url http://127.0.0.1:8000 -n 64 -c 16 [--nice]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -93,8 +96,8 @@ async def bench(args) -> dict:
         ins = lengths(rng, args.input_len, args.range_ratio, args.num_requests)
         outs = lengths(rng, args.output_len, args.range_ratio, args.num_requests)
         prompts = await make_prompts(client, model, headers, ins, rng)
-        for i in range(args.warmup):
-            await one(client, model, prompts[i % len(prompts)], 8, headers)
+        for i in range(args.warmup):   # reversed: shares no cached prefix with the timed prompts
+            await one(client, model, prompts[i % len(prompts)][::-1], 8, headers)
         sem = asyncio.Semaphore(args.concurrency)
 
         async def limited(p, n):
@@ -148,8 +151,13 @@ def main(argv=None) -> int:
                     help="lengths are uniform in mean x [1 - r, 1 + r]; 0 makes every request the same size")
     ap.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths")
     ap.add_argument("--warmup", type=int, default=1, help="untimed short requests first")
+    ap.add_argument("--nice", action="store_true",
+                    help="run this client at the lowest CPU priority, so that on a machine it shares with the"
+                         " server it does not take the cores of the server's kernel threads")
     ap.add_argument("--output", choices=["md", "json"], default="md", help="a table, or JSON for scripts")
     args = ap.parse_args(argv)
+    if args.nice:
+        os.nice(19)
     if args.num_requests < 1 or args.concurrency < 1 or not 0 <= args.range_ratio < 1:
         ap.error("need --num-requests >= 1, --concurrency >= 1 and 0 <= --range-ratio < 1")
     try:
