@@ -36,6 +36,12 @@ def ir_dtype_of_ggml(type_name: str) -> str | None:
     return next((k for k, v in GGML_NAMES.items() if v == type_name), None)
 
 
+def rounds_activations(dtype: str) -> bool:
+    """Whether a matmul on weights of `dtype` multiplies `quantize_activations(x)`: llama.cpp's
+    block types do; float weights and reft's weight-only int8/int4 take x as it is."""
+    return dtype in GGML_NAMES
+
+
 def quantize_activations(x: np.ndarray) -> np.ndarray:
     """x[..., K] float32 rounded to int16 codes per block of 32 values and back: d = max|x| / 32767,
     code = round-half-even(x * (1 / d)). What a matmul on a llama.cpp block type multiplies."""
@@ -103,7 +109,7 @@ class QTensor:
         if raw.dtype != np.uint8 or tuple(raw.shape) != want:
             raise ValueError(f"a {t} weight is stored as uint8{list(want)}, got {raw.dtype}{list(raw.shape)}")
         self.raw, self.dtype, self.shape = raw, t.dtype, tuple(t.shape)
-        self.int16_activations = t.dtype in GGML_NAMES   # see quantize_activations
+        self.int16_activations = rounds_activations(t.dtype)
         self._f32 = None
 
     def dequantize(self) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from ...errors import PlanError
 from ...ir import Graph, Node, Value, ops
 from ...ir.ops.nn import rope_inv_freq
-from ...ir.quantized import GGML_NAMES
+from ...ir.quantized import rounds_activations
 from ...passes.plan_memory import MemoryPlan, plan_memory
 
 CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
@@ -174,9 +174,9 @@ class Lowering:
                 raise Unsupported(f"cpu backend: {n.op} needs float32 activations, got {v.dtype}")
 
     def _act_scratch(self, w: Value, K: int) -> int:
-        """Floats a prompt-sized matmul on llama.cpp's block types takes for its int16-rounded
-        activations (codes, scales and their float32 values: quant.h qmatmul_rows)."""
-        return self.max_tokens * (K + K // 32 + K // 2) if w.dtype in GGML_NAMES else 0
+        """Floats a prompt-sized matmul takes for its int16-rounded activations where the weight's
+        dtype rounds them (codes, scales and their float32 values: quant.h qmatmul_rows)."""
+        return self.max_tokens * (K + K // 32 + K // 2) if rounds_activations(w.dtype) else 0
 
     def _linear_scratch(self, w: Value, K: int) -> None:
         self.need_scratch(GEMM_CHUNK * K + self._act_scratch(w, K))

@@ -345,7 +345,8 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
 //    codes, one float scale per block: fewer and narrower instructions than widening every code to
 //    float32 (SmolLM2 Q4_K_M 1T tg 75.6 -> 93.8 t/s). 16 bits, not llama.cpp's 8: its int8 rounding
 //    is noise that flips near-tied greedy choices (SmolLM2 Q4_1 then no longer answers "Paris").
-//    The reference executor rounds the same way (reft/ir/quantized.py: quantize_activations).
+//    The reference executor rounds the same way (reft/ir/quantized.py: quantize_activations); the
+//    formats that round are those with QF<T>::AQ, rounds_activations() there.
 template <typename QT> constexpr bool two_scales = std::is_same<QT, q6_k_t>::value;   // s0 != s1
 
 // codes qx[t * K + i] and scales dx[t * NB + j] of x[T, K]; xs[t * NB + j] (if given) = sum of the
