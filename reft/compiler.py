@@ -128,9 +128,15 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
                   dump_dir: str | Path | None = None, model_def: str | Path | None = None,
                   page_size: int = 16, max_batch_tokens: int = 512, progress: bool = True,
                   quant: str | None = None, group_size: int = 32, quant_head: bool = False,
-                  kv_dtype: str = "float32", calibrate: str | Path | None = None) -> Path:
+                  kv_dtype: str = "float32", calibrate: str | Path | None = None, target: str | None = None) -> Path:
     model = resolve_model(model)
     backend = backend or default_backend()
+    if target is not None and backend != "cpu":
+        raise ReftError(f"--target selects a cpu instruction set; the {backend} backend takes none")
+    if target is not None:
+        from .backends.cpu.targets import get as cpu_target
+
+        cpu_target(target)   # an unknown name is an error before any work
     if backend not in BACKENDS:
         raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
@@ -183,7 +189,7 @@ def compile_model(model: str | Path, out: str | Path, *, backend: str | None = N
         if backend == "cpu":
             from .backends.cpu import compile_plan
 
-            backend_record = compile_plan(graph, tmp / "kernels", max_tokens=max_batch_tokens)
+            backend_record = compile_plan(graph, tmp / "kernels", max_tokens=max_batch_tokens, target=target)
             if dumps:
                 shutil.copy(tmp / backend_record["kernel"]["source"], dumps / "forward.cpp")
         (tmp / "weights").mkdir()

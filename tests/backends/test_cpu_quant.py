@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reft.backends.cpu.targets import TARGETS, runs_here
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from quant_blocks import F16_SCALES, random_blocks
@@ -70,11 +71,11 @@ def build():
     return b.graph, weights, xs
 
 
-@pytest.fixture(scope="module", params=["host", "avx2", "generic"])
+@pytest.fixture(scope="module", params=[t for t in TARGETS if runs_here(t)])
 def compiled(request, tmp_path_factory):
-    """The host's target (AVX-512 here), AVX2, and the portable scalar fallback."""
+    """Every cpu target this host runs (AVX-512, AVX2, generic on an AVX-512 x86-64 host)."""
     graph, weights, xs = build()
-    target = None if request.param == "host" else request.param
+    target = request.param
     exe = compile_graph(graph, weights, tmp_path_factory.mktemp("quant"), max_tokens=32, threads=2, target=target)
     return graph, weights, xs, exe
 
@@ -83,7 +84,11 @@ def compiled(request, tmp_path_factory):
                                                                  HealthCheck.too_slow])
 @given(T=st.sampled_from([1, 2, 3, 4, 5, 7, 16, 17]), seed=st.integers(0, 2**31 - 1))
 def test_quantized_kernels_match_reference(compiled, T, seed):
-    graph, weights, xs, exe = compiled
+    check_step(*compiled, T, seed)
+
+
+def check_step(graph, weights, xs, exe, T, seed):
+    """One step of T tokens (random ids, positions, activations) against the reference."""
     rng = np.random.default_rng(seed)
     feeds = {"ids": rng.integers(0, 50, T).astype(np.int32), "pos": rng.integers(0, 100, T).astype(np.int32)}
     feeds.update({f"x_{dt}": rng.standard_normal((T, k)).astype(np.float32) for dt, k in xs.items()})

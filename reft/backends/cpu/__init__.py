@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...ir import Graph
-from .compile import build, host_target, render
+from .compile import build, render
+from .targets import get as get_target, host_target
 from .lower import lower, pack, packed_shape
 from .runtime import CpuExecutable, physical_cores
 
@@ -13,10 +14,10 @@ from .runtime import CpuExecutable, physical_cores
 def compile_plan(graph: Graph, kernels_dir: Path, *, max_tokens: int, target: str | None = None) -> dict:
     """Lower, render and compile the forward entry; returns the manifest's backend record."""
     target = target or host_target()
-    low = lower(graph, max_tokens)
+    low = lower(graph, max_tokens, target)
     src, lib = build(render(low, "forward", target), target, kernels_dir)
     kernels = [{"kernel": c.kernel, "node": c.comment} for c in low.calls]
-    return {"name": "cpu", "target": target, "layouts": low.layouts,
+    return {"name": "cpu", "target": target, "tuning": dict(get_target(target).tuning), "layouts": low.layouts,
             "kernel": {"source": f"kernels/{src.name}", "library": f"kernels/{lib.name}", "symbols": low.symbols,
                        "params": low.params, "arena_bytes": low.arena_bytes, "scratch_floats": low.scratch_floats,
                        "outputs": {k: [o, d, list(s)] for k, (o, d, s) in low.outputs.items()}},

@@ -17,47 +17,19 @@ import jinja2
 from ... import __version__
 from ...errors import ReftError
 from .lower import Lowered
+from .targets import check_target, compile_flags, compiler_prefix, get as get_target, host_target  # noqa: F401
 
 TEMPLATES = Path(__file__).parent / "templates"
-HEADERS = ["common.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]
-TARGETS = {  # name -> (compiler flags, CPU flags the host must have)
-    "avx512": (["-march=x86-64-v4"], ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")),
-    "avx2": (["-march=x86-64-v3"], ("avx2", "f16c", "fma")),
-    "generic": (["-march=x86-64"], ()),
-}
+HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def host_target() -> str:
-    have = cpu_flags()
-    for name in ("avx512", "avx2"):
-        if set(TARGETS[name][1]) <= have:
-            return name
-    return "generic"
-
-
-def check_target(target: str) -> None:
-    missing = sorted(set(TARGETS[target][1]) - cpu_flags())
-    if missing:
-        raise ReftError(f"this plan targets cpu {target} but this CPU lacks {', '.join(missing)}; recompile the plan"
-                        f" here (reftc compile ... --backend cpu)")
 
 
 def render(low: Lowered, entry: str, target: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("forward.cpp.j2").render(
-        version=__version__, entry=entry, target=target, headers=HEADERS, constants=low.constants,
+        version=__version__, entry=entry, target=get_target(target).describe(), tuning=get_target(target).tuning,
+        headers=HEADERS, constants=low.constants,
         scratch_floats=low.scratch_floats, symbols=low.symbols, calls=low.calls)
 
 
@@ -65,7 +37,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFT_CACHE_DIR") or Path.home() / ".cache" / "reft" / "kernels")
 
 
-def compiler() -> str:
+def compiler(target: str | None = None) -> str:
+    """The host's C++ compiler ($CXX, g++, c++), or the GNU cross compiler of a foreign target."""
+    prefix = compiler_prefix(target) if target else ""
+    if prefix:
+        cxx = shutil.which(f"{prefix}g++")
+        if not cxx:
+            raise ReftError(f"cpu target {target} is cross-compiled with {prefix}g++, which is not installed"
+                            f" (Debian: apt-get install g++-{prefix[:-1].replace('_', '-')})")
+        return cxx
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise ReftError("the cpu backend needs a C++ compiler (g++); install it or set CXX")
@@ -74,8 +54,8 @@ def compiler() -> str:
 
 def build(source: str, target: str, out_dir: Path) -> tuple[Path, Path]:
     """Write <hash>.cpp and compile <hash>.so into out_dir (reusing the cache). Returns both paths."""
-    cxx = compiler()
-    flags = FLAGS + TARGETS[target][0]
+    cxx = compiler(target)
+    flags = FLAGS + compile_flags(target)
     digest = hashlib.sha256("\n".join([source, cxx, *flags]).encode()).hexdigest()[:20]
     src, lib = out_dir / f"{digest}.cpp", out_dir / f"{digest}.so"
     src.write_text(source)

@@ -16,13 +16,14 @@ from ...ir import Graph, Node, Value, ops
 from ...ir.ops.nn import rope_inv_freq
 from ...ir.quantized import rounds_activations
 from ...passes.plan_memory import MemoryPlan, plan_memory
+from .targets import get as get_target
 
 CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "int32": "int32_t", "int64": "int64_t"}
 # quantized weight dtypes -> the format tag types of templates/quant.h
 CTYPE.update({q: f"{q}_t" for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")})
 CTYPE.update({"int8": "int8_t_", "int4_g32": "int4_t_<32>", "int4_g64": "int4_t_<64>", "int4_g128": "int4_t_<128>"})
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
-GEMV_MAX_T, GEMM_CHUNK, RB = 64, 256, 8     # keep in step with templates/linear.h (its AVX-512 GEMV_MAX_T)
+RB = 8                  # rows of a packed weight block (templates/linear.h)
 # consumers that read a weight matrix in the packed layout: op -> index of the weight input
 PACKED_READERS = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
 PACKED = "rows8x16"
@@ -67,9 +68,10 @@ def strides(shape) -> list[str]:
 
 
 class Lowering:
-    def __init__(self, graph: Graph, max_tokens: int):
+    def __init__(self, graph: Graph, max_tokens: int, target: str):
         self.g = graph
         self.max_tokens = max_tokens
+        self.tune = get_target(target).tuning   # the #defines the kernels are compiled with
         self.plan: MemoryPlan = plan_memory(graph, {"T": max_tokens, "R": max_tokens})
         self.inputs = [n.name for n in graph.inputs()]
         self.params = [n.name for n in graph.params()]
@@ -179,7 +181,7 @@ class Lowering:
         return self.max_tokens * (K + K // 32 + K // 2) if rounds_activations(w.dtype) else 0
 
     def _linear_scratch(self, w: Value, K: int) -> None:
-        self.need_scratch(GEMM_CHUNK * K + self._act_scratch(w, K))
+        self.need_scratch(self.tune["GEMM_CHUNK"] * K + self._act_scratch(w, K))
 
     def op_linear(self, n: Node):
         x, w = n.inputs[:2]
@@ -195,7 +197,8 @@ class Lowering:
         self._f32_activation(n, x, *n.inputs[2:])
         self.require_packed(n, w)
         K, F = w.shape[1], w.shape[0] // 2
-        self.need_scratch(2 * max(self.max_tokens * GEMM_CHUNK, GEMV_MAX_T * F) + GEMM_CHUNK * K
+        chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
+        self.need_scratch(2 * max(self.max_tokens * chunk, gemv_t * F) + chunk * K
                           + self._act_scratch(w, K))
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
         act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
@@ -220,8 +223,9 @@ class Lowering:
         self.require_packed(n, w)
         H, Hkv, D, rot = a["heads"], a["kv_heads"], a["head_dim"], a["rotary_dim"]
         K = w.shape[1]
-        self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(GEMM_CHUNK, D), GEMV_MAX_T * (H + 2 * Hkv) * D)
-                          + max(GEMM_CHUNK, D) * K + self._act_scratch(w, K))
+        chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
+        self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(chunk, D), gemv_t * (H + 2 * Hkv) * D)
+                          + max(chunk, D) * K + self._act_scratch(w, K))
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
         q, k, v = (self.out(o) for o in n.outputs)
         self.emit("k_qkv_rope", [ct(w.dtype), ct(pos.dtype), K, H, Hkv, D, rot],
@@ -398,5 +402,5 @@ def packed_shape(shape) -> tuple:
     return (-(-N // RB), -(-K // 16), RB, 16)
 
 
-def lower(graph: Graph, max_tokens: int) -> Lowered:
-    return Lowering(graph, max_tokens).run()
+def lower(graph: Graph, max_tokens: int, target: str) -> Lowered:
+    return Lowering(graph, max_tokens, target).run()

@@ -9,7 +9,7 @@ import numpy as np
 
 from ...errors import PlanError, RequestError
 from ...ir.types import np_dtype, unify
-from .compile import check_target
+from .targets import check_target
 from .memory import HostWeights, address, anon
 
 
@@ -46,6 +46,28 @@ def _openblas_sgemm() -> int:
     return ctypes.cast(lib.scipy_cblas_sgemm, ctypes.c_void_p).value or 0
 
 
+def bind_inputs(inputs, feeds, max_tokens: int) -> tuple[list[np.ndarray], dict[str, int]]:
+    """The graph inputs' arrays from `feeds` (C-contiguous, of the input's dtype: the caller's own
+    array when it already is) and the symbol sizes they bind."""
+    sizes: dict[str, int] = {}
+    arrays = []
+    for n in inputs:
+        a = feeds.get(n.name)
+        if a is None:
+            raise ValueError(f"missing graph input {n.name!r}")
+        if a.dtype != np_dtype(n.out.dtype) or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=np_dtype(n.out.dtype))
+        unify(n.out.shape, a.shape, sizes, f"input {n.name}")
+        arrays.append(a)
+    if sizes.get("T", 0) > max_tokens or sizes.get("R", 0) > max_tokens:
+        raise RequestError(f"a step of {sizes.get('T')} tokens exceeds the plan's max_batch_tokens {max_tokens}")
+    return arrays, sizes
+
+
+def concrete(shape, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
+
+
 class CpuExecutable:
     """The compiled forward function of a graph, its weights, arena and scratch memory."""
 
@@ -74,26 +96,16 @@ class CpuExecutable:
         self._keep: list = []
 
     def run(self, feeds) -> dict[str, np.ndarray]:
-        sizes: dict[str, int] = {}
-        keep = []
-        for i, n in enumerate(self.inputs):
-            a = feeds.get(n.name)
-            if a is None:
-                raise ValueError(f"missing graph input {n.name!r}")
-            if a.dtype != np_dtype(n.out.dtype) or not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a, dtype=np_dtype(n.out.dtype))
-            unify(n.out.shape, a.shape, sizes, f"input {n.name}")
-            keep.append(a)
+        keep, sizes = bind_inputs(self.inputs, feeds, self.max_tokens)
+        for i, a in enumerate(keep):
             self.ins[i] = a.ctypes.data
-        if sizes.get("T", 0) > self.max_tokens or sizes.get("R", 0) > self.max_tokens:
-            raise RequestError(f"a step of {sizes.get('T')} tokens exceeds the plan's max_batch_tokens {self.max_tokens}")
         for j, s in enumerate(self.symbols):
             self.dims[j] = sizes[s]
         self.fn(self.dims, self.ins, self.P, ctypes.c_void_p(address(self.arena)),
                 ctypes.c_void_p(address(self.scratch)), ctypes.c_int(self.threads))
         out = {}
         for name, (off, dtype, shape) in self.outputs.items():
-            shp = tuple(d if isinstance(d, int) else sizes[d] for d in shape)
+            shp = concrete(shape, sizes)
             if off < 0:  # the output is (a view of) an input the step wrote in place
                 out[name] = keep[~off].reshape(shp)
                 continue

@@ -19,14 +19,13 @@ static void k_kv_cache_write(int ith, int nth, CT* kc, CT* vc, const float* k, c
     }
 }
 
-template <typename CT>
-static inline float dot_cache(const float* q, const CT* k, int64_t D) {
-    float s = 0.f;
-    for (int64_t i = 0; i < D; i++) s += q[i] * ld(k[i]);
-    return s;
+// y[0:n] = y * c + a * x[0:n] (x of any float dtype): the online-softmax update of an output row
+template <typename XT>
+static inline void rescale_axpy(float* y, float c, float a, const XT* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) vstore(y + i, vfma(vset(a), vload_w(x + i), vload(y + i) * c));
+    for (; i < n; i++) y[i] = y[i] * c + a * ld(x[i]);
 }
-template <>
-inline float dot_cache<float>(const float* q, const float* k, int64_t D) { return dot<float>(q, k, D); }
 
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t H, int64_t HKV, int64_t D>
 static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, const CT* vc, const IT* pos,
@@ -35,7 +34,7 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
     const int64_t G = H / HKV;
     int64_t w0, w1;
     split_range(T * HKV, ith, nth, 1, &w0, &w1);
-    float m[G], l[G], acc[G][D], sc[G];
+    float m[G], l[G], acc[G][D], sc[G], corr[G];
     for (int64_t w = w0; w < w1; w++) {
         const int64_t t = w / HKV, kvh = w % HKV, p = (int64_t)pos[t];
         const PT* pages = table + (int64_t)sid[t] * MP;
@@ -51,18 +50,17 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
             const CT* kr = kc + slot * D;
             const CT* vr = vc + slot * D;
             for (int64_t g = 0; g < G; g++) {
-                float s = dot_cache<CT>(qg + g * D, kr, D) * scale;
+                float s = dot<CT>(qg + g * D, kr, D) * scale;
+                corr[g] = 1.f;
                 if (s > m[g]) {
-                    float corr = expf(m[g] - s);
-                    l[g] *= corr;
-                    for (int64_t i = 0; i < D; i++) acc[g][i] *= corr;
+                    corr[g] = expf(m[g] - s);
+                    l[g] *= corr[g];
                     m[g] = s;
                 }
                 sc[g] = expf(s - m[g]);
                 l[g] += sc[g];
             }
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t i = 0; i < D; i++) acc[g][i] += sc[g] * ld(vr[i]);
+            for (int64_t g = 0; g < G; g++) rescale_axpy<CT>(acc[g], corr[g], sc[g], vr, D);
         }
         for (int64_t g = 0; g < G; g++) {
             float inv = 1.0f / l[g];
@@ -87,18 +85,15 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
         for (int64_t u = 0; u < T; u++) {
             int64_t pu = (int64_t)pos[u];
             if (sid[u] != sid[t] || pu > p || (window > 0 && p - pu >= window)) continue;
-            float s = 0.f;
-            for (int64_t i = 0; i < D; i++) s += qv[i] * ld(k[(u * HKV + kvh) * D + i]);
-            s *= scale;
+            float s = dot<XT>(qv, k + (u * HKV + kvh) * D, D) * scale, corr = 1.f;
             if (s > m) {
-                float corr = expf(m - s);
+                corr = expf(m - s);
                 l *= corr;
-                for (int64_t i = 0; i < D; i++) acc[i] *= corr;
                 m = s;
             }
             float e = expf(s - m);
             l += e;
-            for (int64_t i = 0; i < D; i++) acc[i] += e * ld(v[(u * HKV + kvh) * D + i]);
+            rescale_axpy<XT>(acc, corr, e, v + (u * HKV + kvh) * D, D);
         }
         for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] / l);
     }

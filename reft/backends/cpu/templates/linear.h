@@ -1,21 +1,26 @@
 // ---- linear.h: y[T, N] = x[T, K] . W[N, K]^T for weights in float32 / float16 / bfloat16 ----
-// Batches up to GEMV_MAX_T tokens read the packed weights once, straight from their dtype: one or
-// two tokens per pass over the matrix (GEMV), from three tokens tiles of 4 tokens x 4 rows that
-// reuse each 8-row block from cache. Larger batches convert a chunk of weight rows to float32
-// and call the BLAS sgemm on it.
+// Batches up to GEMV_MAX_T tokens read the packed weights once, straight from their dtype: a
+// plain GEMV for one or two tokens, tiles of tokens x rows that reuse each 8-row block from cache
+// for more. Larger batches convert a chunk of weight rows to float32 and call the BLAS sgemm.
 // Threads split the N output rows; every kernel takes (ith, nth) and works on its slice.
 
-// The tiles beat rows_f32 + OpenBLAS sgemm up to ~96-128 tokens here (Zen4, 2 threads, f32
-// weights, SmolLM2-135M layer shapes: 16 tokens 24 vs 57 ms, 64 tokens 78 vs 110 ms, 128 tokens
-// 182 vs 180 ms; 1B shapes: 64 tokens 99 vs 146 ms); 64 leaves a margin. Without AVX-512 the
-// tiles are scalar and the sgemm wins sooner.
-#if defined(__AVX512F__)
-#define GEMV_MAX_T 64   // keep in step with lower.py (which sizes scratch for this larger value)
-#else
-#define GEMV_MAX_T 4
-#endif
-#define GEMM_CHUNK 256
-#define GEMV_PREFETCH 4096   // bytes ahead of the packed weight stream
+// Tuning constants come from the target (targets.py, #defines at the top of the source):
+// GEMV_MAX_T, TILE_T x TILE_R, GEMM_CHUNK, GEMV_PREFETCH. On AVX-512 (Zen 4, 2 threads, f32
+// SmolLM2 layer shapes) the tiles beat rows_f32 + OpenBLAS sgemm up to ~96-128 tokens.
+
+// sum_k a[k] * b[k], a float32, b any weight dtype (VW lanes, then the lanes' hsum)
+template <typename WT>
+static inline float dot(const float* a, const WT* b, int64_t K) {
+    vf s0 = vzero(), s1 = vzero();
+    int64_t k = 0;
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+        s0 = vfma(vload(a + k), vload_w(b + k), s0);
+        s1 = vfma(vload(a + k + VW), vload_w(b + k + VW), s1);
+    }
+    float s = hsum(s0 + s1);
+    for (; k < K; k++) s += a[k] * ld(b[k]);
+    return s;
+}
 
 typedef void (*sgemm_fn)(int order, int transa, int transb, int m, int n, int k, float alpha, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -34,154 +39,108 @@ static void gemm_f32(const float* A, int64_t T, int64_t K, const float* B, int64
 
 // Weight matrices [N, K] are stored packed for streaming: blocks of RB = 8 rows, each block as
 // K/16 chunks of [8 rows][16 values] (N padded to 8 rows, K to 16 values, with zeros), so a
-// GEMV reads one sequential stream. packed_at(W, K, n, k) is element (n, k).
+// GEMV reads one sequential stream. packed_at(W, K, n, k) is element (n, k). The layout is the
+// same on every target: a 16-value chunk is 16 / VW vectors.
 #define RB 8
+#define CV (16 / VW)   // vectors per 16-value chunk
 static inline int64_t kpad(int64_t K) { return (K + 15) / 16 * 16; }
 template <typename WT>
 static inline const WT* packed_at(const WT* W, int64_t K, int64_t n, int64_t k) {
     return W + ((n / RB) * (kpad(K) / 16) + k / 16) * (RB * 16) + (n % RB) * 16 + k % 16;
 }
 
-// y[t, row - r0] (ldy) for rows [r0, r1) and TB <= 2 rows of x
-template <typename WT, int TB>
-static void gemv_block(const float* x, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-    const int64_t KC = kpad(K) / 16;
-    for (int64_t nb = r0 / RB; nb * RB < r1; nb++) {
-        const WT* w = W + nb * KC * RB * 16;
-        float out[TB][RB];
-#if defined(__AVX512F__)
-        __m512 acc[TB][RB];
-        for (int t = 0; t < TB; t++)
-            for (int r = 0; r < RB; r++) acc[t][r] = _mm512_setzero_ps();
-        for (int64_t kc = 0; kc < KC; kc++) {
-            __mmask16 m = (kc + 1) * 16 <= K ? (__mmask16)0xffff : tail_mask(K - kc * 16);
-            __m512 xv[TB];
-            for (int t = 0; t < TB; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * K + kc * 16);
-            {   // software prefetch 4 KiB ahead in the stream: +2-3% decode on the 1B shape here
-                const char* pf = (const char*)(w + kc * RB * 16) + GEMV_PREFETCH;
-                for (int l = 0; l < (int)(RB * 16 * sizeof(WT)); l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
-            }
-            for (int r = 0; r < RB; r++) {
-                __m512 wv = load16(w + (kc * RB + r) * 16);
-                for (int t = 0; t < TB; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
-            }
-        }
-        for (int t = 0; t < TB; t++)
-            for (int r = 0; r < RB; r++) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
-#else
-        for (int t = 0; t < TB; t++)
-            for (int r = 0; r < RB; r++) {
-                float s = 0.f;
-                for (int64_t k = 0; k < K; k++) s += x[t * K + k] * ld(w[(k / 16 * RB + r) * 16 + k % 16]);
-                out[t][r] = s;
-            }
-#endif
-        for (int r = 0; r < RB; r++) {
-            int64_t row = nb * RB + r;
-            if (row >= r0 && row < r1)
-                for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = out[t][r];
-        }
-    }
-}
-
-#if defined(__AVX512F__)
-// The sums of a, b, c, d as one 4-vector, added in the order of _mm512_reduce_add_ps (GCC's:
-// lanes 8 apart, then 4, 2, 1), so that a token's result is bit for bit the one gemv_block gives
-// it alone: batching never changes a sequence's logits. 14 instructions for four sums.
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));   // +8
-    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
-    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));  // +4
-    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4e));                                                // +2
-    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xb1));                                                // +1
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
-}
-#endif
-
-// One tile: out[t * RB + rr + r] = x[t] . row rr + r of the packed block at w, for TB <= 4 tokens
-// and RH = 4 rows. 16 accumulators, 4 x vectors and a w vector fit the 32 zmm registers (6 x 4
-// tiles measured within noise of these, 3 x 8 and 2 x 8 no better). Tile p of the P tiles of a
-// block also prefetches its 1/P share of the next block into L2, so memory streams while the
-// block in cache is computed on. SmolLM2's 30 layers of f32 linears, 16 tokens, one thread:
-// 65 ms prefetching only from the first tile, 50 ms spread into L1 (_MM_HINT_T0), 45 ms into L2.
-static const int RH = 4;
-template <typename WT, int TB>
+// One tile: out[t * RB + rr + r] = x[t] . row rr + r of the packed block at w, for TB tokens and
+// NR rows. Every (token, row) pair has one accumulator that takes the chunks in order, CV FMAs a
+// chunk, and one hsum at the end: whatever the tile shape or the batch, a row's result is bit
+// for bit the same, so batching never changes a sequence's logits. Tile p of the P tiles of a
+// block prefetches its 1/P share of the next block into L2, so memory streams while the block in
+// cache is computed on (SmolLM2's f32 linears, 16 tokens, one AVX-512 thread: 65 ms prefetching
+// only from the first tile, 45 ms spread into L2); P = 0: prefetch GEMV_PREFETCH bytes ahead.
+template <typename WT, int TB, int NR>
 static inline void gemv_tile(const float* x, int64_t K, const WT* w, int rr, int p, int P, float* out) {
-#if defined(__AVX512F__)
     const int64_t KC = kpad(K) / 16;
     const int L = (int)(RB * 16 * sizeof(WT) / 64);   // cache lines per 16-column chunk of a block
     const char* next = (const char*)(w + KC * RB * 16);
-    int64_t line = p * KC * L / P;                     // next block's lines: [p, p + 1) * KC * L / P
+    int64_t line = P ? p * KC * L / P : 0;            // next block's lines: [p, p + 1) * KC * L / P
     int credit = 0;
-    __m512 acc[TB][RH];
+    vf acc[TB][NR];
     for (int t = 0; t < TB; t++)
-        for (int r = 0; r < RH; r++) acc[t][r] = _mm512_setzero_ps();
+        for (int r = 0; r < NR; r++) acc[t][r] = vzero();
     auto step = [&](int64_t kc, bool tail) __attribute__((always_inline)) {
-        __m512 xv[TB];
+        vf xv[TB][CV];
         for (int t = 0; t < TB; t++)
-            xv[t] = tail ? _mm512_maskz_loadu_ps(tail_mask(K - kc * 16), x + t * K + kc * 16)
-                         : _mm512_loadu_ps(x + t * K + kc * 16);
-        for (credit += L; credit >= P; credit -= P, line++) _mm_prefetch(next + line * 64, _MM_HINT_T1);
-        for (int r = 0; r < RH; r++) {
-            __m512 wv = load16(w + (kc * RB + rr + r) * 16);
-            for (int t = 0; t < TB; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
+            for (int c = 0; c < CV; c++) {
+                const int64_t k = kc * 16 + c * VW;
+                xv[t][c] = !tail ? vload(x + t * K + k) : K - k >= VW ? vload(x + t * K + k)
+                         : vload_part(x + t * K + k, K - k > 0 ? K - k : 0);
+            }
+        if (P) {
+            for (credit += L; credit >= P; credit -= P, line++) __builtin_prefetch(next + line * 64, 0, 2);
+        } else if (GEMV_PREFETCH) {
+            const char* pf = (const char*)(w + kc * RB * 16) + GEMV_PREFETCH;
+            for (int l = 0; l < L; l++) __builtin_prefetch(pf + l * 64, 0, 3);
         }
+        for (int r = 0; r < NR; r++)
+            for (int c = 0; c < CV; c++) {
+                const vf wv = vload_w(w + (kc * RB + rr + r) * 16 + c * VW);
+                for (int t = 0; t < TB; t++) acc[t][r] = vfma(wv, xv[t][c], acc[t][r]);
+            }
     };
     int64_t kc = 0;
-    for (; kc < K / 16; kc++) step(kc, false);   // the K tail apart: no mask in the loop, ~5% when compute-bound
+    for (; kc < K / 16; kc++) step(kc, false);   // the K tail apart: no partial loads in the loop
     if (kc < KC) step(kc, true);
-    for (int t = 0; t < TB; t++) _mm_storeu_ps(out + t * RB + rr, reduce4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]));
-#else
-    (void)p, (void)P;
     for (int t = 0; t < TB; t++)
-        for (int r = rr; r < rr + RH; r++) {
-            float s = 0.f;
-            for (int64_t k = 0; k < K; k++) s += x[t * K + k] * ld(w[(k / 16 * RB + r) * 16 + k % 16]);
-            out[t * RB + r] = s;
-        }
-#endif
+        for (int r = 0; r < NR; r++) out[t * RB + rr + r] = hsum(acc[t][r]);
 }
 
-// y[t, row - r0] (ldy) for rows [r0, r1) and 3 <= T <= GEMV_MAX_T: each block comes from memory
-// once, then from cache for its other tiles
+// y[t, row - r0] (ldy) for rows [r0, r1) and T <= GEMV_MAX_T tokens. Up to GEMV_BLOCK_T tokens
+// take a whole 8-row block per pass over x (the plain GEMV: streams fastest); more tokens go
+// in tiles of TILE_T tokens x TILE_R rows that reuse each block from cache, so each block comes
+// from memory once per step.
 template <typename WT>
-static void gemv_tiles(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
-                       int64_t ldy) {
+static void gemv_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
+                      int64_t ldy) {
     const int64_t KC = kpad(K) / 16;
-    const int G = (int)((T + 3) / 4), P = (RB / RH) * G;   // token groups, tiles per block
+    const bool whole = T <= GEMV_BLOCK_T;
+    const int G = (int)((T + TILE_T - 1) / TILE_T), P = whole ? 0 : (RB / TILE_R) * G;   // token groups, tiles
     float out[GEMV_MAX_T * RB];
     for (int64_t nb = r0 / RB; nb * RB < r1; nb++) {
         const WT* w = W + nb * KC * RB * 16;
-        for (int h = 0; h < RB / RH; h++) {
-            int rr = h * RH;
-            if (nb * RB + rr >= r1 || nb * RB + rr + RH <= r0) continue;   // these rows are outside [r0, r1)
-            for (int g = 0; g < G; g++) {
-                const float* xg = x + g * 4 * K;
-                float* og = out + g * 4 * RB;
-                int p = h * G + g;
-                switch (T - g * 4 < 4 ? T - g * 4 : 4) {
-                    case 1: gemv_tile<WT, 1>(xg, K, w, rr, p, P, og); break;
-                    case 2: gemv_tile<WT, 2>(xg, K, w, rr, p, P, og); break;
-                    case 3: gemv_tile<WT, 3>(xg, K, w, rr, p, P, og); break;
-                    default: gemv_tile<WT, 4>(xg, K, w, rr, p, P, og); break;
+        if (whole) {
+            if (T == 1) gemv_tile<WT, 1, RB>(x, K, w, 0, 0, 0, out);
+#if GEMV_BLOCK_T >= 2
+            else gemv_tile<WT, 2, RB>(x, K, w, 0, 0, 0, out);
+#endif
+        } else {
+            for (int h = 0; h < RB / TILE_R; h++) {
+                const int rr = h * TILE_R;
+                if (nb * RB + rr >= r1 || nb * RB + rr + TILE_R <= r0) continue;   // rows outside [r0, r1)
+                for (int g = 0; g < G; g++) {
+                    const float* xg = x + g * TILE_T * K;
+                    float* og = out + g * TILE_T * RB;
+                    const int p = h * G + g;
+                    switch (T - g * TILE_T < TILE_T ? T - g * TILE_T : TILE_T) {
+                        case 1: gemv_tile<WT, 1, TILE_R>(xg, K, w, rr, p, P, og); break;
+#if TILE_T >= 2
+                        case 2: gemv_tile<WT, 2, TILE_R>(xg, K, w, rr, p, P, og); break;
+#endif
+#if TILE_T >= 3
+                        case 3: gemv_tile<WT, 3, TILE_R>(xg, K, w, rr, p, P, og); break;
+#endif
+#if TILE_T >= 4
+                        case 4: gemv_tile<WT, 4, TILE_R>(xg, K, w, rr, p, P, og); break;
+#endif
+                        default: break;
+                    }
                 }
             }
         }
         for (int r = 0; r < RB; r++) {
-            int64_t row = nb * RB + r;
+            const int64_t row = nb * RB + r;
             if (row >= r0 && row < r1)
                 for (int64_t t = 0; t < T; t++) y[t * ldy + row - r0] = out[t * RB + r];
         }
     }
-}
-
-// One or two tokens: whole 8-row chunks per pass stream faster than the tiles (SmolLM2's f32
-// linears, one thread: 18 vs 23-25 ms; float16 about even)
-template <typename WT>
-static void gemv_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-    if (T >= 3) { gemv_tiles<WT>(x, T, K, W, r0, r1, y, ldy); return; }
-    if (T == 2) gemv_block<WT, 2>(x, K, W, r0, r1, y, ldy);
-    else gemv_block<WT, 1>(x, K, W, r0, r1, y, ldy);
 }
 
 // packed rows [r0, r0 + n) as a float32 row-major [n, K] matrix in buf
@@ -190,8 +149,11 @@ static const float* rows_f32(const WT* W, int64_t K, int64_t r0, int64_t n, floa
     for (int64_t i = 0; i < n; i++)
         for (int64_t k = 0; k < K; k += 16) {
             const WT* src = packed_at(W, K, r0 + i, k);
-            int64_t m = K - k < 16 ? K - k : 16;
-            for (int64_t j = 0; j < m; j++) buf[i * K + k + j] = ld(src[j]);
+            if (K - k >= 16) {
+                for (int c = 0; c < CV; c++) vstore(buf + i * K + k + c * VW, vload_w(src + c * VW));
+            } else {
+                for (int64_t j = 0; j < K - k; j++) buf[i * K + k + j] = ld(src[j]);
+            }
         }
     return buf;
 }

@@ -7,9 +7,6 @@
 // reft's weight-only int8/int4 with the codes widened to float32 (sum of m * x comes from per-block
 // sums of x computed once per call). Prompt batches dequantize chunks of rows to float32 for the
 // sgemm.
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 struct q8_0_t {}; struct q4_0_t {}; struct q4_1_t {}; struct q5_0_t {}; struct q5_1_t {};
 struct q4_k_t {}; struct q5_k_t {}; struct q6_k_t {};
@@ -26,57 +23,37 @@ template <> struct is_quant<int8_t_> { static constexpr bool value = true; };
 template <int G> struct is_quant<int4_t_<G>> { static constexpr bool value = true; };
 
 struct Blk32 {
-#if defined(__AVX2__)
-    __m256i q;          // 32 signed codes
-#else
-    int8_t q[32];
-#endif
-    float s0, s1, m;    // scale of values 0-15, of values 16-31; offset of all 32
+    alignas(32) int8_t q[32];   // 32 signed codes
+    float s0, s1, m;            // scale of values 0-15, of values 16-31; offset of all 32
 };
 
 static inline float h2f(const uint8_t* p) { f16 h; memcpy(&h, p, 2); return (float)h; }
 
-// -- code unpacking: 16 bytes of nibbles -> 32 codes (low nibbles are values 0-15, high 16-31);
-//    `bits` = a 32-bit mask whose bit i is 16 added to code i; `sub` is subtracted from every code
-#if defined(__AVX2__)
-static inline __m256i nib32(const uint8_t* p) {
-    __m128i v = _mm_loadu_si128((const __m128i*)p);
-    __m256i b = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+// -- code unpacking over 32-byte vectors: 16 bytes of nibbles -> 32 codes (low nibbles are values
+//    0-15, high 16-31); `bits` = a 32-bit mask whose bit i adds 16 to code i; `sub` is subtracted
+//    from every code
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x4 __attribute__((vector_size(4)));
+static const u8x32 BIT_OF_BYTE = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128,
+                                  1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+// byte i = 16 where bit i of `bits` is set
+static inline u8x32 bit16x32(uint32_t bits) {
+    const u8x4 b = vld<u8x4>(&bits);   // little endian: byte k holds bits 8k .. 8k + 7
+    const u8x32 v = __builtin_shufflevector(b, b, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    return (u8x32)((v & BIT_OF_BYTE) != 0) & 16;
 }
-// byte i = 0x10 where bit i of `bits` is set
-static inline __m256i bit16x32(uint32_t bits) {
-    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), sel);
-    const __m256i m = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, m), m), _mm256_set1_epi8(0x10));
-}
-#endif
 
 static inline void codes_nib(Blk32& b, const uint8_t* p, uint32_t bits, int sub) {
-#if defined(__AVX2__)
-    __m256i q = nib32(p);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    q = _mm256_mask_add_epi8(q, (__mmask32)bits, q, _mm256_set1_epi8(0x10));   // bit i -> +16 on code i (bit 4 is clear)
-#else
-    if (bits) q = _mm256_or_si256(q, bit16x32(bits));
-#endif
-    b.q = _mm256_sub_epi8(q, _mm256_set1_epi8((char)sub));
-#else
-    for (int i = 0; i < 16; i++) {
-        b.q[i] = (int8_t)(((p[i] & 15) | (((bits >> i) & 1) << 4)) - sub);
-        b.q[i + 16] = (int8_t)(((p[i] >> 4) | (((bits >> (i + 16)) & 1) << 4)) - sub);
-    }
-#endif
+    const u8x16 v = vld<u8x16>(p);
+    const u8x16 lo = v & 15, hi = v >> 4;
+    u8x32 q = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                      16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    if (bits) q |= bit16x32(bits);
+    vst(b.q, (i8x32)(q - (uint8_t)sub));
 }
 
-static inline void codes_i8(Blk32& b, const uint8_t* p) {
-#if defined(__AVX2__)
-    b.q = _mm256_loadu_si256((const __m256i*)p);
-#else
-    memcpy(b.q, p, 32);
-#endif
-}
+static inline void codes_i8(Blk32& b, const uint8_t* p) { memcpy(b.q, p, 32); }
 
 static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
@@ -144,24 +121,10 @@ static inline void kq_scale_min(const uint8_t* s, int sb, int* sc, int* mn) {
 
 // 32 codes: the low (hi = 0) or high (hi = 1) nibbles of 32 bytes, plus 16 where bit `bit` of qh[i] is set
 static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh, int bit) {
-#if defined(__AVX2__)
-    __m256i v = _mm256_loadu_si256((const __m256i*)q);
-    if (hi) v = _mm256_srli_epi16(v, 4);
-    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    if (qh) {
-        const __m256i m = _mm256_set1_epi8((char)(1 << bit));
-        __m256i h = _mm256_loadu_si256((const __m256i*)qh);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-        v = _mm256_mask_add_epi8(v, _mm256_test_epi8_mask(h, m), v, _mm256_set1_epi8(0x10));
-#else
-        v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(0x10)));
-#endif
-    }
-    b.q = v;
-#else
-    for (int i = 0; i < 32; i++)
-        b.q[i] = (int8_t)(((hi ? q[i] >> 4 : q[i]) & 15) | (qh ? ((qh[i] >> bit) & 1) << 4 : 0));
-#endif
+    u8x32 v = vld<u8x32>(q);
+    v = (hi ? v >> 4 : v) & 15;
+    if (qh) v |= (u8x32)((vld<u8x32>(qh) & (uint8_t)(1 << bit)) != 0) & 16;
+    vst(b.q, (i8x32)v);
 }
 
 template <> struct QF<q4_k_t> {
@@ -202,17 +165,10 @@ template <> struct QF<q6_k_t> {
         const float d = h2f(p + 208);
         const int8_t* sc = (const int8_t*)(p + 192 + 8 * h + 2 * i);
         b.s0 = d * (float)sc[0]; b.s1 = d * (float)sc[1]; b.m = 0.f;
-#if defined(__AVX2__)
-        __m256i lo = _mm256_loadu_si256((const __m256i*)ql);
-        if (i >= 2) lo = _mm256_srli_epi16(lo, 4);
-        lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
-        __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)qh), _mm_cvtsi32_si128(2 * i));
-        hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
-        b.q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
-#else
-        for (int l = 0; l < 32; l++)
-            b.q[l] = (int8_t)((((i >= 2 ? ql[l] >> 4 : ql[l]) & 15) | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
-#endif
+        u8x32 lo = vld<u8x32>(ql), hi = vld<u8x32>(qh);
+        lo = (i >= 2 ? lo >> 4 : lo) & 15;
+        hi = ((hi >> (2 * i)) & 3) << 4;
+        vst(b.q, (i8x32)(lo | hi) - (int8_t)32);
     }
 };
 
@@ -251,92 +207,40 @@ static void block_sums(const float* x, int64_t T, int64_t K, float* xs) {
         }
 }
 
-#if defined(__AVX2__)
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
+#define NQV (32 / VW)   // vectors per 32-value block
+typedef int8_t i8xw __attribute__((vector_size(VW)));   // VW codes, widened to vf
 
-// y[t, row - r0] (ldy) = x[t] . W[row] for rows [r0, r1), TB token rows
+// y[t, row - r0] (ldy) = x[t] . W[row] for rows [r0, r1), TB token rows (weight-only formats: the
+// codes widened to float32 and scaled once per block, then FMA'd with every token row; four
+// accumulators per token keep the FMA chains independent)
 template <typename QT, int TB>
 static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, int64_t r0, int64_t r1, float* y,
                   int64_t ldy) {
     const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t* wr = W + row * RBY;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-        // 16 values per register; the codes are scaled once and FMA'd with every token row. Four
-        // accumulators per token (two halves x even/odd blocks) keep the FMA chains independent:
-        // with one, decode waits on FMA latency rather than on the weight stream.
-        __m512 acc[TB][4];
-        float mo[TB][2];   // offsets' sums, even and odd blocks
+        vf acc[TB][4];
+        float mo[TB];   // offsets' sums
         for (int t = 0; t < TB; t++) {
-            for (int a = 0; a < 4; a++) acc[t][a] = _mm512_setzero_ps();
-            mo[t][0] = mo[t][1] = 0.f;
+            for (int a = 0; a < 4; a++) acc[t][a] = vzero();
+            mo[t] = 0.f;
         }
-        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
-            Blk32 b;
-            QF<QT>::block(wr, j, b);
-            const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b.q))),
-                                            _mm512_set1_ps(b.s0));
-            const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b.q, 1))),
-                                            _mm512_set1_ps(b.s1));
-            for (int t = 0; t < TB; t++) {
-                const float* xp = x + t * K + 32 * j;
-                acc[t][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[t][a]);
-                acc[t][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[t][a + 1]);
-                if constexpr (QF<QT>::MIN) mo[t][a >> 1] += b.m * xs[t * NB + j];
-            }
-        };
-        int64_t j = 0;
-        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 2); }
-        if (j < NB) step(j, 0);
-        for (int t = 0; t < TB; t++)
-            y[t * ldy + row - r0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
-                                                                       _mm512_add_ps(acc[t][2], acc[t][3])))
-                                    + (mo[t][0] + mo[t][1]);
-#elif defined(__AVX2__)
-        float ms[TB];
-        for (int t = 0; t < TB; t++) ms[t] = 0.f;
-        __m256 acc[TB];
-        for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t j = 0; j < NB; j++) {
             Blk32 b;
             QF<QT>::block(wr, j, b);
-            __m128i lo = _mm256_castsi256_si128(b.q), hi = _mm256_extracti128_si256(b.q, 1);
-            __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-            __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-            __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-            __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-            const __m256 s0 = _mm256_set1_ps(b.s0), s1 = _mm256_set1_ps(b.s1);
+            vf w[NQV];
+            for (int i = 0; i < NQV; i++)
+                w[i] = __builtin_convertvector(vld<i8xw>(b.q + i * VW), vf) * (i * VW < 16 ? b.s0 : b.s1);
             for (int t = 0; t < TB; t++) {
                 const float* xp = x + t * K + 32 * j;
-                __m256 a = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xp)));
-                __m256 c = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp + 24), _mm256_mul_ps(q2, _mm256_loadu_ps(xp + 16)));
-                acc[t] = _mm256_fmadd_ps(c, s1, _mm256_fmadd_ps(a, s0, acc[t]));
-                if constexpr (QF<QT>::MIN) ms[t] += b.m * xs[t * NB + j];
+                for (int i = 0; i < NQV; i++) {
+                    const int a = (int)((j * NQV + i) & 3);
+                    acc[t][a] = vfma(w[i], vload(xp + i * VW), acc[t][a]);
+                }
+                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
             }
         }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + ms[t];
-#else
-        float ms[TB], acc[TB];
-        for (int t = 0; t < TB; t++) ms[t] = acc[t] = 0.f;
-        for (int64_t j = 0; j < NB; j++) {
-            Blk32 b;
-            QF<QT>::block(wr, j, b);
-            for (int t = 0; t < TB; t++) {
-                const float* xp = x + t * K + 32 * j;
-                float a = 0.f, c = 0.f;
-                for (int i = 0; i < 16; i++) { a += (float)b.q[i] * xp[i]; c += (float)b.q[i + 16] * xp[i + 16]; }
-                acc[t] += a * b.s0 + c * b.s1;
-                if constexpr (QF<QT>::MIN) ms[t] += b.m * xs[t * NB + j];
-            }
-        }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = acc[t] + ms[t];
-#endif
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3])) + mo[t];
     }
 }
 
@@ -351,32 +255,28 @@ template <typename QT> constexpr bool two_scales = std::is_same<QT, q6_k_t>::val
 
 // codes qx[t * K + i] and scales dx[t * NB + j] of x[T, K]; xs[t * NB + j] (if given) = sum of the
 // block's rounded values; xh (if given) = the rounded activations as float32 (prompt path)
+typedef int16_t i16xw __attribute__((vector_size(VW * 2)));   // VW activation codes
 static void quantize_act(const float* x, int64_t T, int64_t K, int16_t* qx, float* dx, float* xs, float* xh) {
     const int64_t NB = K / 32;
     for (int64_t t = 0; t < T; t++)
         for (int64_t j = 0; j < NB; j++) {
             const float* p = x + t * K + 32 * j;
             int16_t* q = qx + t * K + 32 * j;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-            const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            const float d = amax / 32767.f, id = d != 0.f ? 1.f / d : 0.f;
-            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));   // nearest even
-            const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
-            _mm256_storeu_si256((__m256i*)q, _mm512_cvtsepi32_epi16(qa));
-            _mm256_storeu_si256((__m256i*)(q + 16), _mm512_cvtsepi32_epi16(qb));
-            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-#else
-            float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(p[i]));
-            const float d = amax / 32767.f, id = d != 0.f ? 1.f / d : 0.f;
-            int sum = 0;
-            for (int i = 0; i < 32; i++) {
-                float r = nearbyintf(p[i] * id);
-                q[i] = (int16_t)(r > 32767.f ? 32767 : r < -32768.f ? -32768 : (int)r);
-                sum += q[i];
+            vf v[NQV], m = vzero();
+            for (int i = 0; i < NQV; i++) {
+                v[i] = vload(p + i * VW);
+                m = vmax(m, vabs(v[i]));
             }
-#endif
+            const float amax = hmax(m);
+            const float d = amax / 32767.f, id = d != 0.f ? 1.f / d : 0.f;
+            vi sv = (vi){};
+            for (int i = 0; i < NQV; i++) {
+                const vi c = vround(v[i] * id);   // |c| <= 32767
+                vst(q + i * VW, __builtin_convertvector(c, i16xw));
+                sv += c;
+            }
+            int sum = 0;
+            for (int i = 0; i < VW; i++) sum += sv[i];
             dx[t * NB + j] = d;
             if (xs) xs[t * NB + j] = d * (float)sum;
             if (xh)
@@ -384,6 +284,13 @@ static void quantize_act(const float* x, int64_t T, int64_t K, int16_t* qx, floa
         }
 }
 
+#define NSV (32 / (2 * VW))   // int16 vectors per 32-value block
+// scale of the pair sums of sub-vector i: pair lanes 0-7 are values 0-15 (s0), the rest s1
+static inline vf pair_scales(int i, float s0, float s1) {
+    vf r;
+    for (int l = 0; l < VW; l++) r[l] = i * VW + l < 8 ? s0 : s1;
+    return r;
+}
 // y[t, row - r0] (ldy) = xq[t] . W[row] for rows [r0, r1), TB token rows of int16 activations
 template <typename QT, int TB>
 static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_t K, const uint8_t* W, int64_t r0,
@@ -393,63 +300,29 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
         const uint8_t* wr = W + row * RBY;
         float mo[TB];   // offsets' sums
         for (int t = 0; t < TB; t++) mo[t] = 0.f;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-        __m512 acc[TB][2];   // even and odd blocks: two independent FMA chains
-        for (int t = 0; t < TB; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
-            Blk32 b;
-            QF<QT>::block(wr, j, b);
-            const __m512i w = _mm512_cvtepi8_epi16(b.q);   // lanes 0-7 of the pair sums: values 0-15
-            __m512 s;
-            if constexpr (two_scales<QT>)
-                s = _mm512_insertf32x8(_mm512_set1_ps(b.s0), _mm256_set1_ps(b.s1), 1);
-            else
-                s = _mm512_set1_ps(b.s0);
-            for (int t = 0; t < TB; t++) {
-                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(qx + t * K + 32 * j));
-                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(dx[t * NB + j]));
-                acc[t][a] = _mm512_fmadd_ps(f, s, acc[t][a]);
-                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
-            }
-        };
-        int64_t j = 0;
-        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
-        if (j < NB) step(j, 0);
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + mo[t];
-#elif defined(__AVX2__)
-        __m256 acc[TB];
-        for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
+        vf acc[TB][2];   // two independent FMA chains per token
+        for (int t = 0; t < TB; t++) acc[t][0] = acc[t][1] = vzero();
         for (int64_t j = 0; j < NB; j++) {
             Blk32 b;
             QF<QT>::block(wr, j, b);
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b.q));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b.q, 1));
+            vs w[NSV];
+            for (int i = 0; i < NSV; i++) w[i] = vwiden8(b.q + i * 2 * VW);
             for (int t = 0; t < TB; t++) {
                 const int16_t* xq = qx + t * K + 32 * j;
-                const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xq)));
-                const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xq + 16))));
-                const __m256 f = _mm256_fmadd_ps(p1, _mm256_set1_ps(b.s1), _mm256_mul_ps(p0, _mm256_set1_ps(b.s0)));
-                acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(dx[t * NB + j]), acc[t]);
+                const float d = dx[t * NB + j];
+                for (int i = 0; i < NSV; i++) {
+                    // pair sums of sub-vector i: lane l holds values 2 (i VW + l) and the next one
+                    const vf p = __builtin_convertvector(vmadd16(w[i], vld<vs>(xq + i * 2 * VW)), vf);
+                    vf sd;
+                    if constexpr (two_scales<QT>) sd = pair_scales(i, b.s0 * d, b.s1 * d);
+                    else sd = vset(b.s0 * d);
+                    const int a = (int)((j * NSV + i) & 1);
+                    acc[t][a] = vfma(p, sd, acc[t][a]);
+                }
                 if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
             }
         }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum8(acc[t]) + mo[t];
-#else
-        float acc[TB];
-        for (int t = 0; t < TB; t++) acc[t] = 0.f;
-        for (int64_t j = 0; j < NB; j++) {
-            Blk32 b;
-            QF<QT>::block(wr, j, b);
-            for (int t = 0; t < TB; t++) {
-                const int16_t* xq = qx + t * K + 32 * j;
-                int32_t a = 0, c = 0;
-                for (int i = 0; i < 16; i++) { a += (int32_t)b.q[i] * xq[i]; c += (int32_t)b.q[i + 16] * xq[i + 16]; }
-                acc[t] += ((float)a * b.s0 + (float)c * b.s1) * dx[t * NB + j];
-                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
-            }
-        }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = acc[t] + mo[t];
-#endif
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum(acc[t][0] + acc[t][1]) + mo[t];
     }
 }
 
@@ -460,16 +333,9 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
         Blk32 b;
         QF<QT>::block(wr, j, b);
         float* o = out + 32 * j;
-#if defined(__AVX2__)
-        __m128i lo = _mm256_castsi256_si128(b.q), hi = _mm256_extracti128_si256(b.q, 1);
-        const __m256 s0 = _mm256_set1_ps(b.s0), s1 = _mm256_set1_ps(b.s1), m = _mm256_set1_ps(b.m);
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s0, m));
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s0, m));
-        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1, m));
-        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1, m));
-#else
-        for (int i = 0; i < 32; i++) o[i] = (float)b.q[i] * (i < 16 ? b.s0 : b.s1) + b.m;
-#endif
+        for (int i = 0; i < NQV; i++)
+            vstore(o + i * VW, vfma(__builtin_convertvector(vld<i8xw>(b.q + i * VW), vf), vset(i * VW < 16 ? b.s0 : b.s1),
+                                    vset(b.m)));
     }
 }
 
@@ -485,7 +351,6 @@ static inline void qgemv_tokens(const float* x, const int16_t* qx, const float* 
 // Up to this many tokens, decoding each block once per 4 tokens costs less than dequantizing the
 // rows to float32 for the sgemm (batched decode in the server: 16 sequences on SmolLM2 Q4_1:
 // 167 -> 186 output tokens/s at concurrency 16).
-#define QGEMV_MAX_T 16
 
 // y[:, 0 : r1 - r0] = x . W[r0:r1]^T: GEMV for decode batches, dequantized chunks + sgemm otherwise.
 // scratch holds the GEMV's activation codes, scales and block sums (T * (K / 2 + K / 16) floats),
@@ -495,7 +360,7 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
                          int64_t ldy, float* scratch) {
     const uint8_t* W = (const uint8_t*)Wq;
     const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K);
-    if (T <= QGEMV_MAX_T) {   // decode batches: GEMV over groups of up to 4 tokens
+    if (T <= QGEMV_MAX_T) {   // decode batches (the target's QGEMV_MAX_T): GEMV over groups of up to 4 tokens
         // per call: int16 activations (llama.cpp's types) and per-block sums of x (formats with offsets)
         float *dx = scratch, *xs = dx + T * NB;
         int16_t* qx = (int16_t*)(xs + T * NB);

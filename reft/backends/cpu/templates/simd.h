@@ -1,0 +1,118 @@
+// ---- simd.h: the portable SIMD layer every kernel is written over ------------------------------
+// GCC/Clang vector extensions: `vf` holds VW float32 lanes, as wide as the target's registers
+// (16 with AVX-512, 8 with AVX2, 4 with NEON and on the generic target), and kernels are written
+// once with +, *, loads and the helpers below; the compiler emits the target's instructions.
+// Per-ISA intrinsics stay in this header, only where no portable form exists: fused multiply-add
+// (so every target fuses the same way, not at the compiler's discretion), half-precision
+// conversion, and the int16 multiply-add of pairs (pmaddwd, smull + addp).
+// Horizontal sums fold halves (lane i + lane i + n/2, then again): one fixed order per width, so a
+// value never depends on which kernel or tile computed it.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX2__)
+#define VW 8
+#else
+#define VW 4
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));           // VW float32
+typedef int32_t vi __attribute__((vector_size(VW * 4)));         // VW int32
+typedef int16_t vs __attribute__((vector_size(VW * 4)));         // 2 VW int16
+typedef int8_t vs8 __attribute__((vector_size(VW * 2)));         // 2 VW int8 (widened to vs)
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));        // VW 16-bit floats as bits
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+typedef int8_t i8x32 __attribute__((vector_size(32)));
+
+template <typename V, typename P> static inline V vld(const P* p) { V v; memcpy(&v, p, sizeof v); return v; }
+template <typename V, typename P> static inline void vst(P* p, V v) { memcpy(p, &v, sizeof v); }
+static inline vf vzero() { return (vf){}; }
+static inline vf vset(float s) { return vzero() + s; }
+static inline vf vload(const float* p) { return vld<vf>(p); }
+static inline void vstore(float* p, vf v) { vst(p, v); }
+// the first n < VW lanes of p, the rest zero
+static inline vf vload_part(const float* p, int64_t n) { vf v = vzero(); memcpy(&v, p, n * sizeof(float)); return v; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vabs(vf a) { return (vf)((vi)a & 0x7fffffff); }
+
+// a * b + c, rounded once
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+    return _mm256_fmadd_ps(a, b, c);
+#elif defined(__aarch64__)
+    return vfmaq_f32(c, a, b);
+#else
+    vf r;
+    for (int i = 0; i < VW; i++) r[i] = fmaf(a[i], b[i], c[i]);
+    return r;
+#endif
+}
+
+// VW consecutive weights of any float dtype as float32
+static inline vf vload_w(const float* p) { return vload(p); }
+static inline vf vload_w(const bf16* p) {   // bfloat16: the top half of a float32
+    return (vf)(__builtin_convertvector(vld<vh>(p), vi) << 16);
+}
+static inline vf vload_w(const f16* p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__F16C__) && VW == 8
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__aarch64__)
+    return vcvt_f32_f16(vld1_f16((const float16_t*)p));
+#else
+    vf r;
+    for (int i = 0; i < VW; i++) r[i] = (float)p[i];
+    return r;
+#endif
+}
+
+// sum of the lanes, folding halves
+static inline float hsum(f32x4 v) {
+    f32x4 h = v + __builtin_shufflevector(v, v, 2, 3, 2, 3);
+    return h[0] + h[1];
+}
+static inline f32x4 fold(f32x8 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+static inline f32x8 fold(f32x16 v) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+static inline float hsum(f32x8 v) { return hsum(fold(v)); }
+static inline float hsum(f32x16 v) { return hsum(fold(v)); }
+static inline float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < VW; i++) m = fmaxf(m, v[i]);
+    return m;
+}
+
+// round to the nearest integer, ties to even (|v| < 2^22): adding and removing 1.5 * 2^23 leaves
+// the integer part in the mantissa under the default rounding mode
+static inline vi vround(vf v) { return __builtin_convertvector((v + 12582912.f) - 12582912.f, vi); }
+
+// int16 pairs: r[i] = a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in int32
+static inline vi vmadd16(vs a, vs b) {
+#if defined(__AVX512BW__)
+    return (vi)_mm512_madd_epi16((__m512i)a, (__m512i)b);
+#elif defined(__AVX2__) && VW == 8
+    return (vi)_mm256_madd_epi16((__m256i)a, (__m256i)b);
+#elif defined(__aarch64__)
+    int32x4_t lo = vmull_s16(vget_low_s16((int16x8_t)a), vget_low_s16((int16x8_t)b));
+    int32x4_t hi = vmull_high_s16((int16x8_t)a, (int16x8_t)b);
+    return (vi)vpaddq_s32(lo, hi);
+#else
+    vi r;
+    for (int i = 0; i < VW; i++) r[i] = (int32_t)a[2 * i] * b[2 * i] + (int32_t)a[2 * i + 1] * b[2 * i + 1];
+    return r;
+#endif
+}
+// 2 VW int8 codes widened to int16
+static inline vs vwiden8(const int8_t* p) { return __builtin_convertvector(vld<vs8>(p), vs); }
