@@ -3,6 +3,7 @@ attributes). Each example compiles one graph holding a few independent cases of 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ def as_f32(op, xs):
         xs[i] = xs[i].astype(np.float32)
     if op == "linear" and len(xs) == 3:
         xs[2] = xs[2].astype(np.float32)
-    if op in ("linear_glu", "qkv_rope") and len(xs) > 2:   # biases and norm weights are float32 in plans
-        xs = [x.astype(np.float32) if i >= 2 and x.dtype.kind == "f" else x for i, x in enumerate(xs)]
+    if op in ("linear_glu", "qkv_rope") and len(xs) > 2:   # biases, norm weights (bf16: kind "V") are f32 in plans
+        xs = [x.astype(np.float32) if i >= 2 and x.dtype.kind not in "iu" else x for i, x in enumerate(xs)]
+    if op == "causal_attention":   # q, k, v of one dtype; pos, sid of one dtype
+        xs = [x.astype(xs[0].dtype) for x in xs[:3]] + [x.astype(xs[3].dtype) for x in xs[3:]]
     if op in ("kv_cache_write", "paged_attention"):
         ix = [i for i, x in enumerate(xs) if x.dtype.kind == "i"]
         xs = [x.astype(xs[ix[0]].dtype) if i in ix[:2] else x for i, x in enumerate(xs)]  # pos/sid share a dtype
@@ -154,3 +157,37 @@ def test_every_op_lowers_at_float32():
     missing = [op for op in ops.REGISTRY if op not in ("input", "param", "reshape")
                and not hasattr(Lowering, f"op_{op}")]
     assert not missing
+
+
+def _every_op_graph():
+    """One graph holding a case of every op, with float32, float16 and bfloat16 weight matrices."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for op in sorted(OP_CASES):
+        example = OP_CASES[op].example()
+        o, xs, a = (example[0], as_f32(example[0], example[1]), example[2])
+        if not uses_uint8(xs, a):
+            cases.append((o, xs, a))
+    for wd in ("float32", "float16", "bfloat16"):
+        w = rng.uniform(-1, 1, (24, 40)).astype(np.float32).astype(np_dtype(wd))
+        cases.append(("linear", [rng.uniform(-1, 1, (3, 40)).astype(np.float32), w], {}))
+    return build(cases)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_target_compiles(target, tmp_path):
+    """Every kernel compiles for every target, also those this host cannot run (AVX-512 code on an
+    AVX2 host; neon with the aarch64 cross compiler where it is installed)."""
+    import shutil
+
+    from reft.backends.cpu import compile_plan
+    from reft.backends.cpu.targets import compiler_prefix
+
+    prefix = compiler_prefix(target)
+    if prefix and not shutil.which(f"{prefix}g++"):
+        pytest.skip(f"{prefix}g++ is not installed")
+    graph, _, _ = _every_op_graph()
+    record = compile_plan(graph, tmp_path, max_tokens=32, target=target)
+    lib = tmp_path / Path(record["kernel"]["library"]).name
+    assert lib.stat().st_size > 0 and record["target"] == target
+    assert record["tuning"] == TARGETS[target].tuning

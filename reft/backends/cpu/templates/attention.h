@@ -27,14 +27,26 @@ static inline void rescale_axpy(float* y, float c, float a, const XT* x, int64_t
     for (; i < n; i++) y[i] = y[i] * c + a * ld(x[i]);
 }
 
+// Positions are visited one page (PS slots) at a time: the scores of a page's slots first, then
+// one max, their exponentials as vectors, one rescale of the running sums, then the V rows.
+// Pages are fixed by position, so a row's result depends only on its own cache, not on the batch.
+// y[0:n] += a * x[0:n]
+template <typename XT>
+static inline void axpy(float* y, float a, const XT* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) vstore(y + i, vfma(vset(a), vload_w(x + i), vload(y + i)));
+    for (; i < n; i++) y[i] += a * ld(x[i]);
+}
+
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t H, int64_t HKV, int64_t D>
 static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, const CT* vc, const IT* pos,
                               const IT* sid, const PT* table, int64_t T, int64_t MP, float scale, int64_t window,
                               float* out) {
-    const int64_t G = H / HKV;
+    constexpr int64_t G = H / HKV, PSV = (PS + VW - 1) / VW * VW;   // query heads per KV head; page in vectors
     int64_t w0, w1;
     split_range(T * HKV, ith, nth, 1, &w0, &w1);
-    float m[G], l[G], acc[G][D], sc[G], corr[G];
+    float m[G], l[G], acc[G][D];
+    alignas(64) float s[G][PSV];
     for (int64_t w = w0; w < w1; w++) {
         const int64_t t = w / HKV, kvh = w % HKV, p = (int64_t)pos[t];
         const PT* pages = table + (int64_t)sid[t] * MP;
@@ -44,26 +56,35 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
             l[g] = 0.f;
             for (int64_t i = 0; i < D; i++) acc[g][i] = 0.f;
         }
-        int64_t j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        for (int64_t j = j0; j <= p; j++) {
-            int64_t slot = ((int64_t)pages[j / PS] * PS + j % PS) * HKV + kvh;
-            const CT* kr = kc + slot * D;
-            const CT* vr = vc + slot * D;
+        const int64_t j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        for (int64_t pg = j0 / PS; pg <= p / PS; pg++) {
+            const int64_t a = pg * PS > j0 ? pg * PS : j0, b = (pg + 1) * PS - 1 < p ? (pg + 1) * PS - 1 : p;
+            const int64_t base = (int64_t)pages[pg] * PS;
             for (int64_t g = 0; g < G; g++) {
-                float s = dot<CT>(qg + g * D, kr, D) * scale;
-                corr[g] = 1.f;
-                if (s > m[g]) {
-                    corr[g] = expf(m[g] - s);
-                    l[g] *= corr[g];
-                    m[g] = s;
+                for (int64_t jj = 0; jj < PSV; jj++) s[g][jj] = -INFINITY;
+                for (int64_t j = a; j <= b; j++)
+                    s[g][j - pg * PS] = dot<CT>(qg + g * D, kc + ((base + j % PS) * HKV + kvh) * D, D) * scale;
+                vf mv = vset(-INFINITY);
+                for (int64_t jj = 0; jj < PSV; jj += VW) mv = vmax(mv, vload(&s[g][jj]));
+                const float mn = fmaxf(m[g], hmax(mv));
+                const float corr = expf(m[g] - mn);   // 0 on the first page (m = -inf)
+                vf sum = vzero();
+                for (int64_t jj = 0; jj < PSV; jj += VW) {
+                    const vf e = vexp(vload(&s[g][jj]) - mn);
+                    vstore(&s[g][jj], e);
+                    sum += e;
                 }
-                sc[g] = expf(s - m[g]);
-                l[g] += sc[g];
+                l[g] = l[g] * corr + hsum(sum);
+                m[g] = mn;
+                for (int64_t i = 0; i < D; i++) acc[g][i] *= corr;
             }
-            for (int64_t g = 0; g < G; g++) rescale_axpy<CT>(acc[g], corr[g], sc[g], vr, D);
+            for (int64_t j = a; j <= b; j++) {
+                const CT* vr = vc + ((base + j % PS) * HKV + kvh) * D;
+                for (int64_t g = 0; g < G; g++) axpy<CT>(acc[g], s[g][j - pg * PS], vr, D);
+            }
         }
         for (int64_t g = 0; g < G; g++) {
-            float inv = 1.0f / l[g];
+            const float inv = 1.0f / l[g];
             float* o = out + (t * H + kvh * G + g) * D;
             for (int64_t i = 0; i < D; i++) o[i] = acc[g][i] * inv;
         }
