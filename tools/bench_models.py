@@ -669,13 +669,24 @@ def build_l1b(out: Path, args) -> None:
     else:
         say("llama-1b: hf/ present")
     vocab = None
-    for fmt in args.formats:
+    # float files first: the quantized ones are llama.cpp's quantizations of f16.gguf (random weights
+    # quantize to noise, so these are for speed only)
+    formats = sorted(set(args.formats) | ({"f16"} if set(args.formats) - {"f32", "f16"} else set()),
+                     key=lambda f: f not in ("f32", "f16"))
+    for fmt in formats:
         path = d / f"{fmt}.gguf"
-        if fmt not in ("f32", "f16"):
-            say(f"llama-1b: {fmt} is only made for smollm2-135m (random weights quantize to noise)")
-            continue
         if path.is_file() and not args.force and not built:
             say(f"llama-1b: {path.name} present")
+            continue
+        if fmt not in ("f32", "f16"):
+            import llamacpp_util as lc  # noqa: PLC0415
+
+            say(f"llama-1b: llama_model_quantize f16.gguf -> {path.name} (for speed benchmarks only)")
+            tmp = path.with_suffix(".tmp")
+            lc.quantize(d / "f16.gguf", tmp, fmt, nthread=args.threads)
+            os.replace(tmp, path)
+            prov.setdefault("gguf", {})[fmt] = dict(how=f"llama_model_quantize(ftype={fmt}) of f16.gguf by "
+                                                        f"{lc.version()}", bytes=path.stat().st_size)
             continue
         if vocab is None:
             vocab = smol_vocab(fetch_smollm2_gguf(out / "smollm2-135m", args.smollm2_gguf, False))

@@ -22,38 +22,51 @@ template <> struct is_quant<q6_k_t> { static constexpr bool value = true; };
 template <> struct is_quant<int8_t_> { static constexpr bool value = true; };
 template <int G> struct is_quant<int4_t_<G>> { static constexpr bool value = true; };
 
+#define NSV (32 / (2 * VW))   // int16 code vectors per 32-value block
+
+// One decoded block: its 32 codes as int16 vectors (values 0-15 then 16-31), a scale per 16
+// values and one offset: w[i] = s[i / 16] * q[i] + m
 struct Blk32 {
-    alignas(32) int8_t q[32];   // 32 signed codes
-    float s0, s1, m;            // scale of values 0-15, of values 16-31; offset of all 32
+    vs q[NSV];
+    float s0, s1, m;
 };
 
 static inline float h2f(const uint8_t* p) { f16 h; memcpy(&h, p, 2); return (float)h; }
 
-// -- code unpacking over 32-byte vectors: 16 bytes of nibbles -> 32 codes (low nibbles are values
-//    0-15, high 16-31); `bits` = a 32-bit mask whose bit i adds 16 to code i; `sub` is subtracted
-//    from every code
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x4 __attribute__((vector_size(4)));
-static const u8x32 BIT_OF_BYTE = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128,
-                                  1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-// byte i = 16 where bit i of `bits` is set
-static inline u8x32 bit16x32(uint32_t bits) {
-    const u8x4 b = vld<u8x4>(&bits);   // little endian: byte k holds bits 8k .. 8k + 7
-    const u8x32 v = __builtin_shufflevector(b, b, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    return (u8x32)((v & BIT_OF_BYTE) != 0) & 16;
+// -- code unpacking, 16 values at a time in int16 lanes, then packed into the target's vectors
+static inline void pack16(i16x16 a, i16x16 b, vs* q) {   // values 0-15, 16-31
+#if VW == 16
+    q[0] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                   16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+#elif VW == 8
+    q[0] = a;
+    q[1] = b;
+#else
+    q[0] = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7);
+    q[1] = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    q[2] = __builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7);
+    q[3] = __builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
 }
+static const i16x16 LANE_BIT = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, -32768};
+// 16 where bit i of the 16-bit `bits` is set, per lane i
+static inline i16x16 bit16(uint32_t bits) { return (((i16x16){} + (int16_t)bits) & LANE_BIT) != 0 & (int16_t)16; }
 
+// 16 bytes of nibbles -> 32 codes (low nibbles are values 0-15, high 16-31); `bits` = a 32-bit
+// mask whose bit i adds 16 to code i; `sub` is subtracted from every code
 static inline void codes_nib(Blk32& b, const uint8_t* p, uint32_t bits, int sub) {
-    const u8x16 v = vld<u8x16>(p);
-    const u8x16 lo = v & 15, hi = v >> 4;
-    u8x32 q = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                      16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    if (bits) q |= bit16x32(bits);
-    vst(b.q, (i8x32)(q - (uint8_t)sub));
+    const i16x16 z = vzext16(p);
+    i16x16 lo = z & 15, hi = z >> 4;
+    if (bits) {
+        lo |= bit16(bits & 0xffff);
+        hi |= bit16(bits >> 16);
+    }
+    pack16(lo - (int16_t)sub, hi - (int16_t)sub, b.q);
 }
 
-static inline void codes_i8(Blk32& b, const uint8_t* p) { memcpy(b.q, p, 32); }
+static inline void codes_i8(Blk32& b, const uint8_t* p) {
+    pack16(vsext16((const int8_t*)p), vsext16((const int8_t*)p + 16), b.q);
+}
 
 static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
@@ -121,10 +134,13 @@ static inline void kq_scale_min(const uint8_t* s, int sb, int* sc, int* mn) {
 
 // 32 codes: the low (hi = 0) or high (hi = 1) nibbles of 32 bytes, plus 16 where bit `bit` of qh[i] is set
 static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh, int bit) {
-    u8x32 v = vld<u8x32>(q);
-    v = (hi ? v >> 4 : v) & 15;
-    if (qh) v |= (u8x32)((vld<u8x32>(qh) & (uint8_t)(1 << bit)) != 0) & 16;
-    vst(b.q, (i8x32)v);
+    i16x16 c[2];
+    for (int h = 0; h < 2; h++) {
+        const i16x16 z = vzext16(q + 16 * h);
+        c[h] = (hi ? z >> 4 : z) & 15;
+        if (qh) c[h] |= ((vzext16(qh + 16 * h) >> bit) & 1) << 4;
+    }
+    pack16(c[0], c[1], b.q);
 }
 
 template <> struct QF<q4_k_t> {
@@ -165,10 +181,12 @@ template <> struct QF<q6_k_t> {
         const float d = h2f(p + 208);
         const int8_t* sc = (const int8_t*)(p + 192 + 8 * h + 2 * i);
         b.s0 = d * (float)sc[0]; b.s1 = d * (float)sc[1]; b.m = 0.f;
-        u8x32 lo = vld<u8x32>(ql), hi = vld<u8x32>(qh);
-        lo = (i >= 2 ? lo >> 4 : lo) & 15;
-        hi = ((hi >> (2 * i)) & 3) << 4;
-        vst(b.q, (i8x32)(lo | hi) - (int8_t)32);
+        i16x16 c[2];
+        for (int h = 0; h < 2; h++) {
+            const i16x16 lo = vzext16(ql + 16 * h), hi = vzext16(qh + 16 * h);
+            c[h] = (((i >= 2 ? lo >> 4 : lo) & 15) | (((hi >> (2 * i)) & 3) << 4)) - 32;
+        }
+        pack16(c[0], c[1], b.q);
     }
 };
 
@@ -208,39 +226,42 @@ static void block_sums(const float* x, int64_t T, int64_t K, float* xs) {
 }
 
 #define NQV (32 / VW)   // vectors per 32-value block
-typedef int8_t i8xw __attribute__((vector_size(VW)));   // VW codes, widened to vf
 
 // y[t, row - r0] (ldy) = x[t] . W[row] for rows [r0, r1), TB token rows (weight-only formats: the
-// codes widened to float32 and scaled once per block, then FMA'd with every token row; four
-// accumulators per token keep the FMA chains independent)
+// codes widened to float32 and scaled once per block, then FMA'd with every token row)
 template <typename QT, int TB>
 static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, int64_t r0, int64_t r1, float* y,
                   int64_t ldy) {
-    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
+    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32, BPB = RBY / NB;   // bytes per block (about)
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t* wr = W + row * RBY;
-        vf acc[TB][4];
-        float mo[TB];   // offsets' sums
+        vf acc[TB][NQV];   // one FMA chain per vector of a block
+        float mo[TB][2];   // offsets' sums, even and odd blocks
         for (int t = 0; t < TB; t++) {
-            for (int a = 0; a < 4; a++) acc[t][a] = vzero();
-            mo[t] = 0.f;
+            for (int i = 0; i < NQV; i++) acc[t][i] = vzero();
+            mo[t][0] = mo[t][1] = 0.f;
         }
-        for (int64_t j = 0; j < NB; j++) {
+        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
+            if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
             QF<QT>::block(wr, j, b);
             vf w[NQV];
-            for (int i = 0; i < NQV; i++)
-                w[i] = __builtin_convertvector(vld<i8xw>(b.q + i * VW), vf) * (i * VW < 16 ? b.s0 : b.s1);
+            for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
+            for (int i = 0; i < NQV; i++) w[i] *= i * VW < 16 ? b.s0 : b.s1;
             for (int t = 0; t < TB; t++) {
                 const float* xp = x + t * K + 32 * j;
-                for (int i = 0; i < NQV; i++) {
-                    const int a = (int)((j * NQV + i) & 3);
-                    acc[t][a] = vfma(w[i], vload(xp + i * VW), acc[t][a]);
-                }
-                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
+                for (int i = 0; i < NQV; i++) acc[t][i] = vfma(w[i], vload(xp + i * VW), acc[t][i]);
+                if constexpr (QF<QT>::MIN) mo[t][a] += b.m * xs[t * NB + j];
             }
+        };
+        int64_t j = 0;
+        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
+        if (j < NB) step(j, 0);
+        for (int t = 0; t < TB; t++) {
+            vf s = vzero();
+            for (int i = 0; i < NQV; i++) s += acc[t][i];
+            y[t * ldy + row - r0] = hsum(s) + (mo[t][0] + mo[t][1]);
         }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3])) + mo[t];
     }
 }
 
@@ -284,7 +305,6 @@ static void quantize_act(const float* x, int64_t T, int64_t K, int16_t* qx, floa
         }
 }
 
-#define NSV (32 / (2 * VW))   // int16 vectors per 32-value block
 // scale of the pair sums of sub-vector i: pair lanes 0-7 are values 0-15 (s0), the rest s1
 static inline vf pair_scales(int i, float s0, float s1) {
     vf r;
@@ -295,34 +315,46 @@ static inline vf pair_scales(int i, float s0, float s1) {
 template <typename QT, int TB>
 static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_t K, const uint8_t* W, int64_t r0,
                      int64_t r1, float* y, int64_t ldy) {
-    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32;
+    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32, BPB = RBY / NB;   // bytes per block (about)
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t* wr = W + row * RBY;
-        float mo[TB];   // offsets' sums
-        for (int t = 0; t < TB; t++) mo[t] = 0.f;
-        vf acc[TB][2];   // two independent FMA chains per token
-        for (int t = 0; t < TB; t++) acc[t][0] = acc[t][1] = vzero();
-        for (int64_t j = 0; j < NB; j++) {
+        vf acc[TB][2];     // even and odd blocks: two independent FMA chains per token
+        float mo[TB][2];   // offsets' sums, even and odd blocks
+        for (int t = 0; t < TB; t++) {
+            acc[t][0] = acc[t][1] = vzero();
+            mo[t][0] = mo[t][1] = 0.f;
+        }
+        // a = 0 or 1 as a constant: an accumulator picked at run time lives in memory
+        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
+            if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
             QF<QT>::block(wr, j, b);
-            vs w[NSV];
-            for (int i = 0; i < NSV; i++) w[i] = vwiden8(b.q + i * 2 * VW);
             for (int t = 0; t < TB; t++) {
                 const int16_t* xq = qx + t * K + 32 * j;
                 const float d = dx[t * NB + j];
-                for (int i = 0; i < NSV; i++) {
-                    // pair sums of sub-vector i: lane l holds values 2 (i VW + l) and the next one
-                    const vf p = __builtin_convertvector(vmadd16(w[i], vld<vs>(xq + i * 2 * VW)), vf);
-                    vf sd;
-                    if constexpr (two_scales<QT>) sd = pair_scales(i, b.s0 * d, b.s1 * d);
-                    else sd = vset(b.s0 * d);
-                    const int a = (int)((j * NSV + i) & 1);
-                    acc[t][a] = vfma(p, sd, acc[t][a]);
+                // pair sums: lane l of sub-vector i holds values 2 (i VW + l) and the next one.
+                // Sub-vectors of one scale add up in int32 (|sum| < 2^27) before one conversion
+                if constexpr (!two_scales<QT> || NSV == 1) {
+                    vi p = vmadd16(b.q[0], vld<vs>(xq));
+                    for (int i = 1; i < NSV; i++) p += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
+                    const vf sd = two_scales<QT> ? pair_scales(0, b.s0 * d, b.s1 * d) : vset(b.s0 * d);
+                    acc[t][a] = vfma(__builtin_convertvector(p, vf), sd, acc[t][a]);
+                } else {
+                    vi p0 = vmadd16(b.q[0], vld<vs>(xq)), p1 = vmadd16(b.q[NSV / 2], vld<vs>(xq + NSV / 2 * 2 * VW));
+                    for (int i = 1; i < NSV / 2; i++) {
+                        p0 += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
+                        p1 += vmadd16(b.q[NSV / 2 + i], vld<vs>(xq + (NSV / 2 + i) * 2 * VW));
+                    }
+                    acc[t][a] = vfma(__builtin_convertvector(p0, vf), vset(b.s0 * d), acc[t][a]);
+                    acc[t][a] = vfma(__builtin_convertvector(p1, vf), vset(b.s1 * d), acc[t][a]);
                 }
-                if constexpr (QF<QT>::MIN) mo[t] += b.m * xs[t * NB + j];
+                if constexpr (QF<QT>::MIN) mo[t][a] += b.m * xs[t * NB + j];
             }
-        }
-        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum(acc[t][0] + acc[t][1]) + mo[t];
+        };
+        int64_t j = 0;
+        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
+        if (j < NB) step(j, 0);
+        for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum(acc[t][0] + acc[t][1]) + (mo[t][0] + mo[t][1]);
     }
 }
 
@@ -333,9 +365,9 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
         Blk32 b;
         QF<QT>::block(wr, j, b);
         float* o = out + 32 * j;
-        for (int i = 0; i < NQV; i++)
-            vstore(o + i * VW, vfma(__builtin_convertvector(vld<i8xw>(b.q + i * VW), vf), vset(i * VW < 16 ? b.s0 : b.s1),
-                                    vset(b.m)));
+        vf w[NQV];
+        for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
+        for (int i = 0; i < NQV; i++) vstore(o + i * VW, vfma(w[i], vset(i * VW < 16 ? b.s0 : b.s1), vset(b.m)));
     }
 }
 

@@ -4,7 +4,9 @@
 // once with +, *, loads and the helpers below; the compiler emits the target's instructions.
 // Per-ISA intrinsics stay in this header, only where no portable form exists: fused multiply-add
 // (so every target fuses the same way, not at the compiler's discretion), half-precision
-// conversion, and the int16 multiply-add of pairs (pmaddwd, smull + addp).
+// conversion, and the int16 multiply-add of pairs (pmaddwd, smull + addp); and for widening
+// integer loads, whose portable form (__builtin_convertvector) GCC 12 splits into halves or,
+// for int8 -> float32, turns into one scalar conversion per lane.
 // Horizontal sums fold halves (lane i + lane i + n/2, then again): one fixed order per width, so a
 // value never depends on which kernel or tile computed it.
 #if defined(__x86_64__) || defined(__i386__)
@@ -61,7 +63,15 @@ static inline vf vfma(vf a, vf b, vf c) {
 // VW consecutive weights of any float dtype as float32
 static inline vf vload_w(const float* p) { return vload(p); }
 static inline vf vload_w(const bf16* p) {   // bfloat16: the top half of a float32
+#if defined(__AVX512F__)
+    return (vf)((vi)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)) << 16);
+#elif defined(__AVX2__)
+    return (vf)((vi)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)) << 16);
+#elif defined(__aarch64__)
+    return (vf)((vi)vmovl_u16(vld1_u16((const uint16_t*)p)) << 16);
+#else
     return (vf)(__builtin_convertvector(vld<vh>(p), vi) << 16);
+#endif
 }
 static inline vf vload_w(const f16* p) {
 #if defined(__AVX512F__)
@@ -115,7 +125,74 @@ static inline vi vmadd16(vs a, vs b) {
 #endif
 }
 // 2 VW int8 codes widened to int16
-static inline vs vwiden8(const int8_t* p) { return __builtin_convertvector(vld<vs8>(p), vs); }
+static inline vs vwiden8(const int8_t* p) {
+#if defined(__AVX512BW__)
+    return (vs)_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__AVX2__)
+    return (vs)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__aarch64__)
+    return (vs)vmovl_s8(vld1_s8(p));
+#else
+    return __builtin_convertvector(vld<vs8>(p), vs);
+#endif
+}
+// 16 bytes widened to 16 int16 lanes (zero- or sign-extended)
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int16_t i16x8 __attribute__((vector_size(16)));
+static inline i16x16 vzext16(const uint8_t* p) {
+#if defined(__AVX2__)
+    return (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__aarch64__)
+    const uint8x16_t v = vld1q_u8(p);
+    const i16x8 lo = (i16x8)vmovl_u8(vget_low_u8(v)), hi = (i16x8)vmovl_high_u8(v);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    typedef uint8_t u8x16_ __attribute__((vector_size(16)));
+    return __builtin_convertvector(vld<u8x16_>(p), i16x16);
+#endif
+}
+static inline i16x16 vsext16(const int8_t* p) {
+#if defined(__AVX2__)
+    return (i16x16)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__aarch64__)
+    const int8x16_t v = vld1q_s8(p);
+    const i16x8 lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_high_s8(v);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    typedef int8_t i8x16_ __attribute__((vector_size(16)));
+    return __builtin_convertvector(vld<i8x16_>(p), i16x16);
+#endif
+}
+// 2 VW int16 lanes as two float32 vectors (lanes 0 .. VW - 1, VW .. 2 VW - 1)
+static inline void vwiden16(vs x, vf& lo, vf& hi) {
+#if defined(__AVX512F__)
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256((__m512i)x)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64((__m512i)x, 1)));
+#elif defined(__AVX2__)
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128((__m256i)x)));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256((__m256i)x, 1)));
+#elif defined(__aarch64__)
+    lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16((int16x8_t)x)));
+    hi = vcvtq_f32_s32(vmovl_high_s16((int16x8_t)x));
+#else
+    for (int i = 0; i < VW; i++) { lo[i] = (float)x[i]; hi[i] = (float)x[VW + i]; }
+#endif
+}
+// VW int8 codes as float32
+typedef int8_t i8xw __attribute__((vector_size(VW)));
+static inline vf vcodes(const int8_t* p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#elif defined(__aarch64__)
+    int32_t w;
+    memcpy(&w, p, 4);
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))))));
+#else
+    return __builtin_convertvector(vld<i8xw>(p), vf);
+#endif
+}
 
 // e^x per lane (relative error < 2e-7 on [-87, 88]; -inf and anything below -87.3 give 0): the
 // exponent 2^n goes straight into the float's exponent bits, e^r by a degree-6 polynomial on
