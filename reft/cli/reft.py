@@ -88,7 +88,20 @@ SERVE_OPTIONS = [
     click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
                  help="--serve: TCP port to listen on."),
     click.option("--api-key", default=None, envvar="REFT_API_KEY",
-                 help="--serve: require `Authorization: Bearer KEY` on every /v1 route. [env: REFT_API_KEY]"),
+                 help="--serve: require `Authorization: Bearer KEY` on every route except /health and the chat"
+                      " page's HTML at / (and /metrics with --metrics-public). [env: REFT_API_KEY]"),
+    click.option("--metrics-public", is_flag=True,
+                 help="--serve: with --api-key, let /metrics be scraped without the key."),
+    click.option("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                 help="--serve: host names (any port) that the Host and Origin headers may carry besides localhost,"
+                      " 127.0.0.1 and ::1; others get 421 (Host) or 403 (Origin). Checked when --host is a loopback"
+                      " address or this is given; '*' turns the check off."),
+    click.option("--max-request-bytes", default=None, metavar="SIZE",
+                 help="--serve: largest request body (4MiB, 500kB, 1048576); larger ones get 413 before they are"
+                      " read. [default: 4MiB]"),
+    click.option("--max-prompt-chars", default=None, type=click.IntRange(1), metavar="N",
+                 help="--serve: longest prompt text (in characters, all messages together) accepted for"
+                      " tokenizing; longer is a 400. [default: 32 x the plan's context length]"),
     click.option("--kv-cache-memory", default=None, metavar="SIZE",
                  help="--serve: memory for the KV-cache page pool, as a size (2GiB, 512MB) or a fraction of"
                       " free memory (0.25). [default: room for --max-num-seqs full contexts, at most 0.2]"),
@@ -126,8 +139,8 @@ def serve_options(fn):
 @serve_options
 @friendly_errors
 def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, threads,
-        serve, host, port, api_key, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
-        no_prefix_caching):
+        serve, host, port, api_key, metrics_public, allowed_hosts, max_request_bytes, max_prompt_chars,
+        kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name, no_prefix_caching):
     """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
 
     The sampling options apply to --prompt and --chat; served requests carry their own
@@ -145,7 +158,9 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
         return run_server(plan, host=host, port=port, api_key=api_key, kv_cache_memory=kv_cache_memory,
                           max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                           chat_template=chat_template, threads=threads, model_name=model_name,
-                          prefix_caching=not no_prefix_caching)
+                          prefix_caching=not no_prefix_caching, metrics_public=metrics_public,
+                          max_request_bytes=max_request_bytes, max_prompt_chars=max_prompt_chars,
+                          allowed_hosts=allowed_hosts)
     engine = Engine.load(plan, threads=threads)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     tok = engine.tokenizer

@@ -100,11 +100,23 @@ class Tokenizer:
                    chat_template=_find_template(d, tc), tokenizer_config=tc, generation_config=gen, source=path)
 
     # --- encode / decode ---------------------------------------------------------------------------
+    # Long inputs go through one-item batches: the batch calls release the GIL while they work
+    # (encode and decode hold it), so a long prompt tokenized in a worker thread does not stall the
+    # server's event loop. Short ones (every per-token decode of streaming) keep the GIL: a release
+    # would let another thread take it for up to the interpreter's switch interval.
+    LONG = 4096   # characters or token ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < self.LONG:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)   # _fast (no offsets): >= 0.21
+        return batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) < self.LONG:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
 
     @property
     def vocab_size(self) -> int:

@@ -125,6 +125,8 @@ class Sequence:
         self.cached = 0
         self._names: list[bytes] = []   # names of the leading full pages, as far as computed
         self._offered = 0               # leading pages already offered to the prefix cache
+        self.all_logits = False         # scoring the prompt: the scheduler asks for every row's logits
+                                        # and shares no cached prefix (each position must be computed)
 
     def reserve(self, length: int) -> None:
         need = self.pool.pages_for(length) - len(self.pages)

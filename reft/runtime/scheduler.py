@@ -11,6 +11,8 @@ Pure Python over `Sequence` records; the engine runs what `schedule()` returns. 
 3. Then waiting sequences are admitted in arrival order while fewer than `max_num_seqs` run and
    tokens and pages are left; on admission a sequence first shares the cached pages of its
    longest cached prompt prefix. Admission never preempts.
+A sequence with `all_logits` set (its prompt is being scored) gets the logits of every row it is
+scheduled, and shares no cached prefix.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> Chunk:
+        if seq.all_logits:
+            return Chunk(seq, n, "all")
         return Chunk(seq, n, "last" if seq.cached + n == len(seq.tokens) else "none")
 
     def schedule(self) -> StepPlan:
@@ -85,11 +89,12 @@ class Scheduler:
             i += 1
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not seq.pages:
+            if not seq.pages and not seq.all_logits:
                 seq.match_prefix()
             n = min(len(seq.tokens) - seq.cached, budget)
             if self.pool.pages_for(seq.cached + n) - len(seq.pages) > self.pool.free_pages:
-                seq.unmatch_prefix()  # give shared pages back; they stay cached for the next try
+                if not seq.all_logits:
+                    seq.unmatch_prefix()  # give shared pages back; they stay cached for the next try
                 break
             self.waiting.popleft()
             seq.reserve(seq.cached + n)

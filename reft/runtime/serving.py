@@ -12,6 +12,10 @@ Notable:
   could still turn into a stop string), so a stop string ends the sequence in the same step.
 - EOS (generation_config's ids, unless ignore_eos) and `stop_token_ids` end a sequence with
   finish reason "stop"; the stopping token counts in usage but adds no text and no logprobs.
+- Prompt scoring (`prompt_logprobs`): the prompt is prefilled with every row's logits (chunked
+  prefill included) and without the prefix cache; each prompt token's logprob under the tokens
+  before it comes back once, on the request's first output. max_tokens 0 then means "score only":
+  the request ends with finish reason "length" after its prefill.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # None: off; k: the sampled token's logprob and k alternatives
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives
     skip_special_tokens: bool = True
     arrival: float = field(default_factory=time.monotonic)
 
@@ -47,7 +52,7 @@ class Request:
 @dataclass
 class TokenLogprob:
     token: int
-    logprob: float
+    logprob: float | None           # None only for a prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]    # the most likely (id, logprob) at this position
     text: str                       # the text this token added to the stream (its pieces join to the text)
     prev: int                       # the token before it, to spell the alternatives in context
@@ -60,6 +65,7 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token, on the first output only
     finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -84,6 +90,17 @@ class _State:
         self.cached_tokens: int | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = None   # scored so far (prompt scoring only)
+        self.prompt_logprobs_sent = False
+        if req.prompt_logprobs is not None:
+            first = req.prompt_ids[0]
+            self.prompt_decoder = IncrementalDecoder(tokenizer, [first], skip_special_tokens=req.skip_special_tokens)
+            text = tokenizer.decode([first], skip_special_tokens=req.skip_special_tokens)
+            self.prompt_logprobs = [TokenLogprob(first, None, [], text, -1)]
+
+    @property
+    def prompt_scored(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.req.prompt_ids)
 
 
 class ServingEngine:
@@ -114,14 +131,15 @@ class ServingEngine:
             raise RequestError("the prompt is empty")
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.vocab_size:
             raise RequestError(f"prompt token id out of range [0, {self.vocab_size})")
-        if req.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be > 0, got {req.max_tokens}")
+        if req.max_tokens < 0 or (req.max_tokens == 0 and req.prompt_logprobs is None):
+            raise RequestError(f"max_tokens must be > 0 (0 only when scoring the prompt), got {req.max_tokens}")
         if n + req.max_tokens > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens, but the"
                                f" request needs {n + req.max_tokens} ({n} in the prompt + {req.max_tokens}"
                                " max_tokens); shorten the prompt or lower max_tokens")
-        if req.logprobs is not None and req.logprobs < 0:
-            raise RequestError(f"logprobs must be >= 0, got {req.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(req, name) is not None and getattr(req, name) < 0:
+                raise RequestError(f"{name} must be >= 0, got {getattr(req, name)}")
         req.sampling.validate()
 
     def add(self, req: Request) -> None:
@@ -129,6 +147,7 @@ class ServingEngine:
             raise RequestError(f"request id {req.id!r} is already in flight")
         self.check(req)
         seq = self.engine.new_sequence(req.prompt_ids)
+        seq.all_logits = req.prompt_logprobs is not None and len(req.prompt_ids) > 1
         st = _State(req, seq, self.eos, self.tokenizer)
         self._states[req.id] = st
         self._by_seq[seq] = st
@@ -163,6 +182,7 @@ class ServingEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
+        starts = [c.seq.cached for c in plan.chunks]
         for c in plan.chunks:
             st = self._by_seq[c.seq]
             if st.cached_tokens is None:
@@ -174,10 +194,38 @@ class ServingEngine:
         self.scheduler.completed(plan)
         now = time.monotonic()
         outs = []
-        for c, r in zip(plan.chunks, rows):
-            if c.logits != "none":
-                outs.append(self._advance(self._by_seq[c.seq], r[-1], now))
+        for c, start, r in zip(plan.chunks, starts, rows):
+            st = self._by_seq[c.seq]
+            if c.logits == "all" and st.prompt_logprobs is not None:
+                self._score_prompt(st, start, r)
+            if c.logits != "none" and start + c.n == len(c.seq.tokens):
+                outs.append(self._advance(st, r[-1], now) if st.req.max_tokens else self._finish(st, "length"))
         return outs
+
+    def _score_prompt(self, st: _State, start: int, rows: np.ndarray) -> None:
+        """Record the logprobs of the prompt tokens that rows (the logits at positions start...)
+        predict; positions scored before a preemption are not scored twice."""
+        prompt, scored = st.req.prompt_ids, st.prompt_logprobs
+        first = len(scored) - 1 - start                       # the row predicting prompt[len(scored)]
+        last = min(len(rows), len(prompt) - 1 - start)        # rows up to the one predicting prompt[-1]
+        if first < 0 or first >= last:
+            return
+        z = rows[first:last].astype(np.float64)
+        m = z.max(axis=-1, keepdims=True)
+        lp = z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+        targets = prompt[start + first + 1:start + last + 1]
+        k = min(st.req.prompt_logprobs, lp.shape[1])
+        if k:
+            tops = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+            tops = np.take_along_axis(tops, np.argsort(-np.take_along_axis(lp, tops, -1), -1, kind="stable"), -1)
+        for i, tok in enumerate(targets):
+            top = [(int(t), float(lp[i, t])) for t in tops[i]] if k else []
+            piece = st.prompt_decoder.push(tok)
+            if len(scored) == len(prompt) - 1:
+                piece += st.prompt_decoder.flush()
+            scored.append(TokenLogprob(int(tok), float(lp[i, tok]), top, piece, int(prompt[start + first + i])))
+        if st.prompt_scored:
+            st.seq.all_logits = False   # the rest (decode, a recompute after preemption) is ordinary
 
     def _advance(self, st: _State, logits: np.ndarray, now: float) -> RequestOutput:
         """Sample the next token of a sequence whose last token was just computed."""
@@ -206,8 +254,11 @@ class ServingEngine:
         return out
 
     def _output(self, st: _State) -> RequestOutput:
-        return RequestOutput(st.req.id, prompt_tokens=len(st.req.prompt_ids), completion_tokens=len(st.output),
-                             cached_tokens=st.cached_tokens or 0)
+        out = RequestOutput(st.req.id, prompt_tokens=len(st.req.prompt_ids), completion_tokens=len(st.output),
+                            cached_tokens=st.cached_tokens or 0)
+        if st.prompt_scored and not st.prompt_logprobs_sent:
+            out.prompt_logprobs, st.prompt_logprobs_sent = st.prompt_logprobs, True
+        return out
 
     def _finish(self, st: _State, reason: str, error: str | None = None, out: RequestOutput | None = None):
         out = out or self._output(st)

@@ -2,21 +2,26 @@
 
 Every error leaves as an OpenAI error body (`{"error": {message, type, param, code}}`) with a 4xx
 status for the client's mistakes: malformed JSON and wrong field types are 400 (not FastAPI's
-422), unknown routes 404, a missing or wrong API key 401, a full server 429. Anything unexpected
-is a 500 with the same shape, and the server goes on serving.
+422), unknown routes 404, a full server 429; guards.py refuses a wrong Host (421) or Origin (403),
+a missing or wrong API key (401) and an oversized body (413) before any route runs. Anything
+unexpected is a 500 with the same shape, and the server goes on serving.
+
+Blocking work on request inputs (chat template, tokenizer) runs in worker threads, so the event
+loop keeps answering (/health, streams) while a long prompt is tokenized.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from anyio import to_thread
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .guards import GuardConfig, Guards
 from .metrics import ServerMetrics
 from .openai_serving import ApiError, OpenAIServing, collect, sse_events
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
@@ -29,12 +34,20 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
+def _is_union_tag(part) -> bool:
+    """A loc element naming a union member ('str', 'list[int]', 'TextPart'), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request body", None
-    e = errs[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # invalid Unicode is the one thing wrong however a union reads the value; say that
+    e = next((x for x in errs if x.get("type") == "invalid_unicode"), errs[0])
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _is_union_tag(x)]
+    if e.get("type") == "invalid_unicode":
+        loc.append(e["ctx"]["field"])
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})", None
     if e.get("type") == "missing" and not loc:
@@ -66,7 +79,7 @@ class _CountRequests:
             self.metrics.requests.labels(route, str(status[0])).inc()
 
 
-def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | None = None) -> FastAPI:
+def build_app(serving: OpenAIServing, metrics: ServerMetrics, guards: GuardConfig = GuardConfig()) -> FastAPI:
     engine = serving.engine
 
     @asynccontextmanager
@@ -99,18 +112,8 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | Non
     async def _internal(request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
 
-    app.add_middleware(_CountRequests, metrics=metrics)
-
-    async def authorized(request: Request):
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer KEY`", None,
-                           "invalid_api_key")
-
-    v1 = [Depends(authorized)]
+    app.add_middleware(Guards, config=guards)
+    app.add_middleware(_CountRequests, metrics=metrics)   # outermost: refusals are counted too
 
     # --- generation --------------------------------------------------------------------------------
     async def run(request: Request, job, chat: bool, stream: bool, include_usage: bool):
@@ -136,40 +139,35 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | Non
         finally:
             handle.close()
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        job = serving.chat_requests(body)
+        job = await to_thread.run_sync(serving.chat_requests, body)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run(request, job, True, body.stream, usage)
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        job = serving.completion_requests(body)
+        job = await to_thread.run_sync(serving.completion_requests, body)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run(request, job, False, body.stream, usage)
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": 0,
-                                            "owned_by": "reft", "max_model_len": serving.max_model_len}]}
+        return {"object": "list", "data": [serving.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        serving.check_model(model_id)
+        return serving.model_card()
 
     # --- tokenizer ---------------------------------------------------------------------------------
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        serving.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give exactly one of `prompt` or `messages`")
-        if body.messages is not None:
-            ids = serving.render_chat(body.messages, body.add_generation_prompt)
-        else:
-            ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
+        return await to_thread.run_sync(serving.tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        serving.check_model(body.model)
-        serving.check_ids(body.tokens, "tokens")
-        return {"prompt": serving.tokenizer.decode(body.tokens)}
+        return await to_thread.run_sync(serving.detokenize, body)
 
     # --- operations --------------------------------------------------------------------------------
     @app.get("/health")

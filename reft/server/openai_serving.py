@@ -11,6 +11,14 @@ Notable:
 - A stream ends with one chunk per choice carrying its finish_reason, then the usage chunk when
   stream_options.include_usage is set, then `data: [DONE]`. An engine failure mid-stream is sent
   as an OpenAI error object before [DONE].
+- Prompt text is capped in characters before it is tokenized (`max_prompt_chars`; serve.py
+  makes it PROMPT_CHARS_PER_TOKEN x the plan's context length by default: no prompt that long
+  fits the context, and tokenizing it would only waste time).
+- Chat-template rendering, tokenization and detokenization of request inputs are blocking work:
+  the routes run the methods doing them in worker threads (the tokenizer releases the GIL).
+- Completions with `echo` return the prompt text before the completion; with `logprobs` the
+  logprobs cover the prompt tokens too (the first one's is null, as vLLM's), computed by the
+  engine from every prompt row's logits. `max_tokens: 0` is allowed with echo (score only).
 """
 from __future__ import annotations
 
@@ -19,10 +27,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from anyio import to_thread
+
 from ..errors import RequestError
 from ..runtime.sampler import SamplingParams
-from ..runtime.serving import Request, RequestOutput
-from .protocol import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from ..runtime.serving import Request, RequestOutput, TokenLogprob
+from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       _Sampling, error_body)
+
+PROMPT_CHARS_PER_TOKEN = 32   # the default prompt cap: far above any tokenizer's characters per token
 
 
 class ApiError(Exception):
@@ -46,7 +59,8 @@ class Choice:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    started: bool = False
+    started: bool = False   # an output of it was sent (or, whole, collected)
+    echo: str = ""          # the prompt text it echoes (completions with echo)
 
 
 @dataclass
@@ -56,6 +70,7 @@ class Job:
     reqs: list[Request]
     choices: list[Choice]
     logprobs: bool
+    echo: bool = False
 
     def choice(self, out: RequestOutput) -> Choice:
         return self.choices[int(out.request_id.rsplit("-", 1)[1])]
@@ -76,13 +91,18 @@ def sampling_params(body: _Sampling, defaults: dict, index: int) -> SamplingPara
 
 class OpenAIServing:
     def __init__(self, engine, tokenizer, model_name: str, max_model_len: int, chat_template: str | None,
-                 defaults: dict):
+                 defaults: dict, max_prompt_chars: int | None = None):
         self.engine = engine                  # AsyncEngine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.chat_template = chat_template
         self.defaults = defaults
+        self.max_prompt_chars = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "reft",
+                "max_model_len": self.max_model_len}
 
     # --- validation shared by every route ----------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -90,9 +110,17 @@ class OpenAIServing:
             raise ApiError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            "model", "model_not_found")
 
-    def render_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise ApiError(400, f"the {param} holds {chars:,} characters, more than this server accepts for a"
+                           f" model with a {self.max_model_len}-token context ({self.max_prompt_chars:,} characters,"
+                           " --max-prompt-chars); shorten it", param, "prompt_too_long")
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """Messages -> prompt token ids through the chat template (blocking: run it in a thread)."""
         from ..errors import ModelError
 
+        self.check_chars(sum(len(m.as_template_dict()["content"]) for m in messages), "messages")
         template = self.chat_template or self.tokenizer.chat_template
         if not template:
             raise ApiError(400, "this model has no chat template; start the server with --chat-template FILE"
@@ -110,20 +138,39 @@ class OpenAIServing:
         if bad:
             raise ApiError(400, f"token id {bad[0]} is out of range [0, {vocab})", param)
 
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of `prompt` or `messages`")
+        if body.messages is not None:
+            ids = self.render_chat(body.messages, body.add_generation_prompt)
+        else:
+            self.check_chars(len(body.prompt), "prompt")
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        self.check_ids(body.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
     def _requests(self, body: _Sampling, prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
-                  logprobs: int | None, prefix: str) -> Job:
+                  logprobs: int | None, prefix: str, echo: bool = False) -> Job:
+        """Engine requests for each prompt x n choices; `echo` allows max_tokens 0 (score only)."""
         self.check_model(body.model)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         reqs, choices = [], []
         for p, ids in enumerate(prompts):
-            self.check_ids(ids, "prompt")
-            if len(ids) >= self.max_model_len:
+            room = self.max_model_len - len(ids)
+            if room < (0 if echo and max_tokens == 0 else 1):
                 raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the"
                                f" prompt has {len(ids)} tokens", "messages" if prefix == "chatcmpl" else "prompt",
                                "context_length_exceeded")
-            n_max = max_tokens if max_tokens is not None else (default_max or self.max_model_len - len(ids))
-            if n_max <= 0:
-                raise ApiError(400, f"max_tokens must be at least 1, got {n_max}", "max_tokens")
+            self.check_ids(ids, "prompt")
+            n_max = max_tokens if max_tokens is not None else (default_max or room)
+            if n_max < 0 or (n_max == 0 and not echo):
+                raise ApiError(400, f"max_tokens must be at least 1{' (or 0 with echo)' if prefix == 'cmpl' else ''},"
+                               f" got {n_max}", "max_tokens")
             if len(ids) + n_max > self.max_model_len:
                 raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but"
                                f" {len(ids)} prompt tokens + {n_max} max_tokens = {len(ids) + n_max};"
@@ -135,12 +182,15 @@ class OpenAIServing:
                     sp.validate()
                 except RequestError as e:
                     raise ApiError(400, str(e)) from None
+                # echo scores the prompt when logprobs are asked for, or when there is nothing else to do
+                scoring = (logprobs if logprobs is not None else (0 if n_max == 0 else None)) if echo else None
                 reqs.append(Request(f"{rid}-{index}", ids, n_max, sp, body.stops, tuple(body.stop_token_ids or ()),
-                                    body.ignore_eos, logprobs))
+                                    body.ignore_eos, logprobs, scoring))
                 choices.append(Choice(index, p))
-        return Job(rid, reqs, choices, logprobs is not None)
+        return Job(rid, reqs, choices, logprobs is not None, echo)
 
-    def chat_requests(self, body: ChatCompletionRequest):
+    def chat_requests(self, body: ChatCompletionRequest) -> Job:
+        """The engine requests of a chat completion (blocking: run it in a thread)."""
         ids = self.render_chat(body.messages, body.add_generation_prompt)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         lp = (body.top_logprobs or 0) if body.logprobs else None
@@ -148,21 +198,22 @@ class OpenAIServing:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         return self._requests(body, [ids], max_tokens, None, lp, "chatcmpl")
 
-    def completion_requests(self, body: CompletionRequest):
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "echo")
+    def completion_requests(self, body: CompletionRequest) -> Job:
+        """The engine requests of a completion (blocking: run it in a thread)."""
         p = body.prompt
-        if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p)]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        elif p:
-            prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
-        else:
-            prompts = []
+        given = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
+        for x in given:
+            if isinstance(x, str):
+                self.check_chars(len(x), "prompt")
+        prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in given]
         if not prompts or any(not x for x in prompts):
             raise ApiError(400, "the prompt is empty", "prompt")
-        return self._requests(body, prompts, body.max_tokens, 16, body.logprobs, "cmpl")
+        job = self._requests(body, prompts, body.max_tokens, 16, body.logprobs, "cmpl", body.echo)
+        if body.echo:
+            texts = [x if isinstance(x, str) else self.tokenizer.decode(x, skip_special_tokens=True) for x in given]
+            for c in job.choices:
+                c.echo = texts[c.prompt]
+        return job
 
     def submit(self, reqs: list[Request]):
         from ..runtime.async_engine import Overloaded
@@ -188,13 +239,16 @@ class OpenAIServing:
         return [{**entry(x.text, x.logprob), "top_logprobs": [entry(self._spell(x.prev, t), v) for t, v in x.top]}
                 for x in out.logprobs]
 
-    def completion_logprobs(self, out: RequestOutput, offset: int) -> dict:
+    def completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict:
+        """The legacy completions logprobs object of `entries`, whose text starts at `offset`; a
+        prompt's first token has null logprob and top_logprobs."""
         offsets = []
-        for x in out.logprobs:
+        for x in entries:
             offsets.append(offset)
             offset += len(x.text)
-        return {"tokens": [x.text for x in out.logprobs], "token_logprobs": [x.logprob for x in out.logprobs],
-                "top_logprobs": [{self._spell(x.prev, t): v for t, v in x.top} for x in out.logprobs],
+        return {"tokens": [x.text for x in entries], "token_logprobs": [x.logprob for x in entries],
+                "top_logprobs": [None if x.logprob is None else {self._spell(x.prev, t): v for t, v in x.top}
+                                 for x in entries],
                 "text_offset": offsets}
 
     @staticmethod
@@ -218,6 +272,20 @@ def _update(choice: Choice, out: RequestOutput) -> None:
         choice.finish_reason = out.finish_reason
 
 
+async def _completion_part(serving: OpenAIServing, job: Job, c: Choice, out: RequestOutput) -> tuple[str, dict | None]:
+    """The text and logprobs object that one output adds to a completion choice; the first output
+    of an echoing choice brings the prompt (and the prompt's logprobs) before its own."""
+    lp = serving.completion_logprobs(out.logprobs, len(c.echo) + len(c.text)) if job.logprobs else None
+    text, first = out.text, not c.started
+    c.started = True
+    if first and job.echo:
+        text = c.echo + text
+        if job.logprobs:   # decoding every prompt token's alternatives is blocking work
+            head = await to_thread.run_sync(serving.completion_logprobs, out.prompt_logprobs or [], 0)
+            lp = {k: head[k] + lp[k] for k in lp}
+    return text, lp
+
+
 async def collect(serving: OpenAIServing, job: Job, stream, chat: bool) -> dict:
     """Run a request to the end and build the whole response object."""
     lps: dict[int, list] = {c.index: [] for c in job.choices}
@@ -227,13 +295,12 @@ async def collect(serving: OpenAIServing, job: Job, stream, chat: bool) -> dict:
         if out.finish_reason == "error":
             raise serving._fail(out)
         c = job.choice(out)
-        if out.logprobs:
-            if chat:
-                lps[c.index] += serving.chat_logprobs(out)
-            else:
-                part = serving.completion_logprobs(out, len(c.text))
-                for k, v in part.items():
-                    comp_lps[c.index][k] += v
+        if chat and out.logprobs:
+            lps[c.index] += serving.chat_logprobs(out)
+        elif not chat:
+            _, part = await _completion_part(serving, job, c, out)
+            for k, v in (part or {}).items():
+                comp_lps[c.index][k] += v
         _update(c, out)
     head = {"id": job.api_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": serving.model_name}
@@ -242,7 +309,7 @@ async def collect(serving: OpenAIServing, job: Job, stream, chat: bool) -> dict:
                  "logprobs": {"content": lps[c.index]} if job.logprobs else None, "finish_reason": c.finish_reason}
                 for c in job.choices]
     else:
-        body = [{"index": c.index, "text": c.text, "logprobs": comp_lps[c.index] if job.logprobs else None,
+        body = [{"index": c.index, "text": c.echo + c.text, "logprobs": comp_lps[c.index] if job.logprobs else None,
                  "finish_reason": c.finish_reason} for c in job.choices]
     return {**head, "choices": body, "usage": serving.usage(job.choices)}
 
@@ -267,17 +334,18 @@ async def sse_events(serving: OpenAIServing, job: Job, stream, chat: bool, inclu
             yield _sse(serving._fail(out).body())
             break
         c = job.choice(out)
-        offset = len(c.text)
-        _update(c, out)
-        if not (out.text or out.logprobs or out.finished):
-            continue
         if chat:
+            _update(c, out)
+            if not (out.text or out.logprobs or out.finished):
+                continue
             lp = {"content": serving.chat_logprobs(out)} if job.logprobs else None
             delta = {"content": out.text} if out.text else {}
             yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}])
         else:
-            lp = serving.completion_logprobs(out, offset) if job.logprobs else None
-            yield chunk([{"index": c.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}])
+            text, lp = await _completion_part(serving, job, c, out)
+            _update(c, out)
+            if text or out.logprobs or out.finished:
+                yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}])
     else:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": serving.usage(job.choices)})

@@ -3,16 +3,53 @@
 Unknown fields are ignored, as OpenAI clients and agent frameworks send many; the fields below
 are the ones reft honours. Beyond OpenAI's own: top_k, min_p, repetition_penalty,
 stop_token_ids and ignore_eos (vLLM's names and meanings).
+
+Types are strict, as OpenAI's are: `"max_tokens": "3"` or `"stream": "yes"` is a 400, not
+coerced; an int is accepted where a float is expected (`"temperature": 1`). A string holding a
+lone UTF-16 surrogate (JSON `"\\ud800"`, which JSON parsers let through) is a 400 naming the
+field, before anything tries to tokenize it.
 """
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _lone_surrogate(value) -> int | None:
+    """Index of the first character of `value` (a string, or a list holding strings) that is not
+    valid Unicode, else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return e.start
+        return None
+    if isinstance(value, list) and value and isinstance(value[0], str):  # (a mixed list fails validation)
+        for x in value:
+            at = _lone_surrogate(x)
+            if at is not None:
+                return at
+    return None
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            for key, value in data.items():
+                at = _lone_surrogate(value)
+                if at is not None:
+                    raise PydanticCustomError(
+                        "invalid_unicode", "not valid Unicode: a lone surrogate at character {at}; send text as"
+                        " UTF-8 (escape characters beyond U+FFFF as surrogate pairs)", {"field": str(key), "at": at})
+        return data
 
 
 class StreamOptions(_Body):
@@ -92,8 +129,9 @@ class DetokenizeRequest(_Body):
     tokens: list[StrictInt]
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               421: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "server_error"}
 
 

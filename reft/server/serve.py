@@ -29,17 +29,29 @@ def available_memory() -> int:
     return 2 * 2**30
 
 
+def _size(text: str) -> tuple[float, str] | None:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    return (float(m.group(1)), m.group(2).lower()) if m and m.group(2).lower() in _UNITS else None
+
+
 def parse_memory(text: str) -> int:
     """'2GiB', '512MB', '1e9' (bytes) or a fraction of available memory such as '0.25'."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m and m.group(2).lower()
-    if not m or unit not in _UNITS:
+    size = _size(text)
+    if size is None:
         raise ReftError(f"--kv-cache-memory {text!r}: give a size such as 2GiB or 512MB, or a fraction of free"
                         " memory such as 0.25")
-    value = float(m.group(1))
+    value, unit = size
     if not unit and 0 < value <= 1:
         return int(value * available_memory())
     return int(value * _UNITS[unit])
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'4MiB', '500kB', '1048576' -> bytes (at least 1)."""
+    size = _size(text)
+    if size is None or int(size[0] * _UNITS[size[1]]) < 1:
+        raise ReftError(f"{option} {text!r}: give a size such as 4MiB, 500kB or 1048576")
+    return int(size[0] * _UNITS[size[1]])
 
 
 def kv_pages(layout: dict, memory: str | None, max_num_seqs: int, context: int) -> int:
@@ -74,7 +86,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cache_memory: str | None,
           max_num_seqs: int, max_batch_tokens: int | None, max_queue: int, chat_template: Path | None,
-          threads: int | None, model_name: str | None, prefix_caching: bool = True) -> None:
+          threads: int | None, model_name: str | None, prefix_caching: bool = True, metrics_public: bool = False,
+          max_request_bytes: str | None = None, max_prompt_chars: int | None = None,
+          allowed_hosts: str | None = None) -> None:
     try:
         import uvicorn
 
@@ -86,8 +100,14 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     from ..runtime.engine import Engine
     from ..runtime.plan import Plan
     from ..runtime.serving import ServingEngine
+    from .guards import DEFAULT_MAX_REQUEST_BYTES, GuardConfig, allowed_host_names
     from .metrics import ServerMetrics
-    from .openai_serving import OpenAIServing
+    from .openai_serving import PROMPT_CHARS_PER_TOKEN, OpenAIServing
+
+    guards = GuardConfig(api_key=api_key, metrics_public=metrics_public,
+                         max_request_bytes=(parse_bytes(max_request_bytes, "--max-request-bytes") if max_request_bytes
+                                            else DEFAULT_MAX_REQUEST_BYTES),
+                         allowed_hosts=allowed_host_names(host, allowed_hosts))
 
     template = None
     if chat_template is not None:
@@ -108,8 +128,9 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
     name = model_name or Path(plan_path).resolve().name
     api = OpenAIServing(AsyncEngine(serving, max_num_seqs + max_queue), engine.tokenizer, name,
-                        serving.max_model_len, template, defaults)
-    app = build_app(api, metrics, api_key)
+                        serving.max_model_len, template, defaults,
+                        max_prompt_chars or PROMPT_CHARS_PER_TOKEN * plan.context_length)
+    app = build_app(api, metrics, guards)
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"reft: serving {name} at http://{shown}:{sock.getsockname()[1]}/ (OpenAI API under /v1;"

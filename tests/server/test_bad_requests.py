@@ -57,6 +57,27 @@ RAW = [  # (route, body as raw bytes or JSON, status)
     ("/detokenize", {"tokens": [-1]}, 400),
     ("/tokenize", {}, 400),
     ("/v1/embeddings", {"input": "hi"}, 404),                                               # no such route
+    ("/v1/completions", {"prompt": "Once", "max_tokens": "3"}, 400),                         # strict types
+    ("/v1/completions", {"prompt": "Once", "stream": "yes"}, 400),
+    ("/v1/completions", {"prompt": "Once", "temperature": "0.5"}, 400),
+    ("/v1/completions", {"prompt": "Once", "temperature": True}, 400),
+    ("/v1/completions", {"prompt": "Once", "n": 1.0}, 400),
+    ("/v1/completions", {"prompt": "Once", "echo": "true"}, 400),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": 1}, 400),
+    ("/v1/chat/completions", {"messages": MSG, "stream_options": {"include_usage": "yes"}}, 400),
+    ("/v1/completions", {"prompt": "x" * 70000}, 400),                                       # over the prompt cap
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40000}] * 2}, 400),
+    ("/tokenize", {"prompt": "x" * 70000}, 400),
+    ("/v1/completions", {"prompt": "Once", "max_tokens": 0, "echo": False}, 400),
+]
+LONE_SURROGATE = [  # (route, raw JSON with a lone surrogate escaped, the param named)
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\ud800x"}]}', "messages.0.content"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]}',
+     "messages.0.content.0.text"),
+    ("/v1/completions", rb'{"prompt": "Once \ud800"}', "prompt"),
+    ("/v1/completions", rb'{"prompt": ["fine", "\udc00"]}', "prompt"),
+    ("/v1/completions", rb'{"prompt": "Once", "stop": ["\ud800"]}', "stop"),
+    ("/tokenize", rb'{"prompt": "\ud800"}', "prompt"),
 ]
 
 
@@ -68,13 +89,27 @@ def test_bad_request_raw(server, route, body, status):
     assert_error(r.status_code, r.json(), status)
 
 
+@pytest.mark.parametrize("route,body,param", LONE_SURROGATE, ids=[f"{i}:{r[0]}" for i, r in enumerate(LONE_SURROGATE)])
+def test_invalid_unicode(server, route, body, param):
+    r = httpx.post(server.url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert_error(r.status_code, r.json(), 400)
+    err = r.json()["error"]
+    assert err["param"] == param and "not valid Unicode" in err["message"], err
+
+
+def test_surrogate_pairs_and_int_floats_are_fine(server):
+    r = httpx.post(server.url + "/v1/completions", content=rb'{"prompt": "Once \ud83d\ude00", "max_tokens": 2,'
+                   rb' "temperature": 1, "top_p": 1}', headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def test_wrong_method(server):
     r = httpx.get(server.url + "/v1/chat/completions")
     assert_error(r.status_code, r.json(), 405)
 
 
 def test_server_survives_every_bad_request(server):
-    for route, body, _ in RAW:
+    for route, body, _ in RAW + LONE_SURROGATE:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
         httpx.post(server.url + route, timeout=30, **kw)
     still_serving(server)

@@ -76,3 +76,30 @@ def test_chat_page_stop_button(server, browser):
     while server.metric("reft_num_requests_running"):   # Stop cancelled the request on the server
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(stories_plan, chat_template_file, tmp_path_factory):
+    from server_util import Server
+
+    s = Server(stories_plan, tmp_path_factory.mktemp("keyed-page"), "--chat-template", chat_template_file,
+               "--model-name", "stories", "--api-key", "sekrit")
+    yield s
+    s.stop()
+
+
+def test_chat_page_behind_an_api_key(keyed_server, browser):
+    """The page itself loads without the key; its API calls carry the key typed into it."""
+    page = browser.new_page()
+    page.goto(keyed_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+    page.fill("#api_key", "sekrit")
+    page.dispatch_event("#api_key", "change")
+    page.wait_for_function("document.getElementById('model').textContent === 'stories'")
+    page.fill("#max_tokens", "5")
+    page.fill("#input", "Once upon a time")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('send').disabled === false"
+                           " && document.querySelector('.msg.assistant').textContent.length > 0", timeout=30000)
+    assert "error" not in (page.locator(".msg.assistant").first.get_attribute("class") or "")
+    page.close()

@@ -29,6 +29,10 @@ def engine(stories_plan):
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["stories"]
+    assert client.models.retrieve("stories").id == "stories"
+    assert httpx.get(server.url + "/v1/models/stories").json() == httpx.get(server.url + "/v1/models").json()["data"][0]
+    r = httpx.get(server.url + "/v1/models/gpt-4o")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
