@@ -20,6 +20,8 @@ Notable:
 """
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -113,9 +115,60 @@ def hf_config_from_gguf(f: GGUFFile, arch: str, family: ModuleType) -> dict:
     if kind and kind != "none":
         cfg["rope_scaling"] = {"rope_type": kind, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
     if "rope_freqs.weight" in f.tensors:
-        raise ModelError(f"{f.path}: per-frequency rotary factors (rope_freqs.weight, Llama 3.1 style) are not"
-                         " supported yet")
+        if kind and kind != "none":
+            raise ModelError(f"{f.path}: rope_freqs.weight together with rope scaling {kind!r} is not supported")
+        rot = int(rot or head_dim)
+        cfg["rope_scaling"] = llama3_scaling_from_factors(_rope_freqs(f), float(cfg.get("rope_theta", 10000.0)), rot,
+                                                          f.path)
     return normalize_rope(cfg, f.path)
+
+
+def _rope_freqs(f: GGUFFile) -> np.ndarray:
+    r = f.tensors["rope_freqs.weight"]
+    if r.type_name not in _PLAIN:
+        raise ModelError(f"{f.path}: rope_freqs.weight must be a float tensor, got {r.type_name}")
+    return f.raw("rope_freqs.weight").reshape(-1).view(_PLAIN[r.type_name][1]).astype(np.float64)
+
+
+def llama3_scaling_from_factors(freqs: np.ndarray, theta: float, rot: int, where) -> dict:
+    """Llama 3 rope scaling recovered from a GGUF's per-frequency factors (rope_freqs.weight):
+    llama.cpp divides frequency i by factor f_i, which convert_hf_to_gguf.py computed from
+    (factor, low_freq_factor, high_freq_factor, original_max_position). f_i is 1 at short
+    wavelengths, `factor` at long ones, and 1 / ((1 - s) / factor + s) between, with s linear in
+    1 / wavelength: two numbers fix that line, and (orig, low, high) scaled together give the same
+    factors, so low = 1 is taken. Factors that no such curve reproduces are an error."""
+    if freqs.shape != (rot // 2,) or not np.all(np.isfinite(freqs)) or freqs.min() <= 0:
+        raise ModelError(f"{where}: rope_freqs.weight must hold {rot // 2} positive factors, got shape {freqs.shape}")
+    inv = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+    factor = float(freqs.max())
+    if factor <= 1.0 + 1e-6:
+        return {"rope_type": "default"}
+    mid = (freqs > 1 + 1e-4) & (freqs < factor * (1 - 1e-4))
+    fitted = None
+    if mid.sum() >= 2:
+        s = (1 / freqs[mid] - 1 / factor) / (1 - 1 / factor)       # smooth, linear in 1 / wavelength
+        a, b = np.polyfit(inv[mid] / (2 * math.pi), s, 1)
+        if a > 0 and b < 0:
+            lo, hi = 1.0, 1.0 - 1.0 / b
+            fitted = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+                      "original_max_position_embeddings": int(round(a * (hi - lo)))}
+            # the file's float32 factors: keep the round numbers they came from where those fit as well
+            rounded = {k: float(round(v, 3)) if isinstance(v, float) else v for k, v in fitted.items()}
+            if np.allclose(_llama3_factors(inv, rounded), freqs, rtol=1e-5, atol=0):
+                fitted = rounded
+    if fitted is None or not np.allclose(_llama3_factors(inv, fitted), freqs, rtol=1e-4, atol=0):
+        raise ModelError(f"{where}: rope_freqs.weight does not follow Llama 3 rope scaling; other per-frequency"
+                         " factors are not supported yet")
+    return fitted
+
+
+def _llama3_factors(inv: np.ndarray, s: dict) -> np.ndarray:
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = np.where(wavelen > old / lo, inv / factor, np.where(wavelen < old / hi, inv,
+                                                                  (1 - smooth) * inv / factor + smooth * inv))
+    return inv / scaled
 
 
 class GGUFWeights(Mapping):

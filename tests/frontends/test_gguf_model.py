@@ -132,3 +132,46 @@ def test_quantized_copy_reads_as_gguf_dequantizes(tmp_path, reference, qtype):
     x = Engine.load(compile_model(path, tmp_path / "plan", backend="reference", progress=False)).logits(ids)
     hits = np.mean(np.argmax(x[len(reference["prompt_ids"]) - 1:-1], -1) == reference["greedy_64_ids"][:16])
     assert hits >= 0.75
+
+
+def test_llama3_rope_freqs_tensor_compiles_like_the_hf_rope_scaling(tmp_path, reference):
+    """A GGUF carrying Llama 3 rope scaling as per-frequency factors (rope_freqs.weight, as
+    convert_hf_to_gguf.py writes it) gives the logits of the HF folder with that rope_scaling.
+    The factors come from transformers' own llama3 rope initialisation."""
+    import shutil
+
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    # stories260K: head_dim 8, so 4 frequencies; these thresholds put two of them in the smooth band
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 64.0,
+               "original_max_position_embeddings": 1024}
+    hf = tmp_path / "hf"
+    shutil.copytree(STORIES / "hf", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = scaling
+    (hf / "config.json").write_text(json.dumps(cfg))
+    tcfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    inv_scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](tcfg, "cpu")
+    inv, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(tcfg)
+    factors = (inv / inv_scaled).numpy().astype(np.float32)
+    assert 1 < factors[1] < 8 and 1 < factors[2] < 8            # the smooth band is exercised
+
+    path = copy_gguf(GGUF, tmp_path / "llama3.gguf", add_tensors=[("rope_freqs.weight", factors, None)])
+    got = open_gguf(path).hf_config["rope_scaling"]
+    assert got["rope_type"] == "llama3" and got["factor"] == 8.0 and got["original_max_position_embeddings"] == 1024
+    ids = reference["prompt_ids"] + reference["greedy_64_ids"]
+    a = Engine.load(compile_model(path, tmp_path / "gguf-plan", backend="reference", progress=False)).logits(ids)
+    b = Engine.load(compile_model(hf, tmp_path / "hf-plan", backend="reference", progress=False)).logits(ids)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    plain = Engine.load(compile_model(GGUF, tmp_path / "plain", backend="reference", progress=False)).logits(ids)
+    assert np.abs(plain - a).max() > 1e-3                       # the factors change the model
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
+    path = copy_gguf(GGUF, tmp_path / "odd.gguf",
+                     add_tensors=[("rope_freqs.weight", np.array([1.0, 3.0, 1.5, 2.0], np.float32), None)])
+    with pytest.raises(Exception, match="rope_freqs.weight does not follow Llama 3 rope scaling"):
+        open_gguf(path)
