@@ -1,8 +1,8 @@
 // ---- quant.h: matmuls and embedding lookups on block-quantized weights ------------------------
 // A quantized weight [N, K] is N rows of raw blocks, exactly as reft/ir/quantized.py describes
-// (GGUF's bytes for llama.cpp types). Every format is read 32 values at a time: QF<T>::block()
-// decodes sub-block j of a row into a Blk32 (32 int8 codes, a scale per 16 values, one offset),
-// w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once and multiplies each block with up to 4
+// (GGUF's bytes for llama.cpp types). Every format is read 32 values at a time: QF<T>::codes()
+// decodes block j of a row into a Blk32 (32 codes in int16 vectors), QF<T>::scales() the header
+// its blocks share (a scale per 16 values, one offset): w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once and multiplies each block with up to 4
 // token rows of x: llama.cpp's types as integer dot products with x rounded to int16 (quantize_act),
 // reft's weight-only int8/int4 with the codes widened to float32 (sum of m * x comes from per-block
 // sums of x computed once per call). Prompt batches dequantize chunks of rows to float32 for the
@@ -70,57 +70,45 @@ static inline void codes_i8(Blk32& b, const uint8_t* p) {
 
 static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-// -- the formats: row_bytes(K), block(row, j, out) for the j-th 32 values of a row, and MIN
-//    (whether blocks have offsets: only then are sums of x needed) ----------
+// -- the formats: row_bytes(K); SUB, the 32-value blocks that share one header (8 in a K-quant
+//    super-block, else 1); scales(row, g, s0, s1, m) for the SUB blocks of header g; codes(row, j,
+//    out) for block j; MIN (whether blocks have offsets: only then are sums of x needed). A
+//    kernel decodes a header once for all its blocks. ----------
 template <typename QT> struct QF;
 
-template <> struct QF<q8_0_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = false;   // offsets m != 0
-    static int64_t row_bytes(int64_t K) { return K / 32 * 34; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + j * 34;
-        b.s0 = b.s1 = h2f(p); b.m = 0.f;
-        codes_i8(b, p + 2);
+// a plain block: [f16 scale][f16 min if MIN][codes]
+template <int BYTES, bool HAS_MIN> struct Plain {
+    static constexpr int SUB = 1;
+    static int64_t row_bytes(int64_t K) { return K / 32 * BYTES; }
+    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
+        const uint8_t* p = r + g * BYTES;
+        s0[0] = s1[0] = h2f(p);
+        m[0] = HAS_MIN ? h2f(p + 2) : 0.f;
     }
 };
-template <> struct QF<q4_0_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = false;   // offsets m != 0
-    static int64_t row_bytes(int64_t K) { return K / 32 * 18; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + j * 18;
-        b.s0 = b.s1 = h2f(p); b.m = 0.f;
-        codes_nib(b, p + 2, 0, 8);
-    }
+template <> struct QF<q8_0_t> : Plain<34, false> {
+    static constexpr bool AQ = true, MIN = false;   // int16 activations (quantize_act); offsets m != 0
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) { codes_i8(b, r + j * 34 + 2); }
 };
-template <> struct QF<q4_1_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = true;   // offsets m != 0
-    static int64_t row_bytes(int64_t K) { return K / 32 * 20; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + j * 20;
-        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
-        codes_nib(b, p + 4, 0, 0);
-    }
+template <> struct QF<q4_0_t> : Plain<18, false> {
+    static constexpr bool AQ = true, MIN = false;
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) { codes_nib(b, r + j * 18 + 2, 0, 8); }
 };
-template <> struct QF<q5_0_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = false;   // offsets m != 0
-    static int64_t row_bytes(int64_t K) { return K / 32 * 22; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+template <> struct QF<q4_1_t> : Plain<20, true> {
+    static constexpr bool AQ = true, MIN = true;
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) { codes_nib(b, r + j * 20 + 4, 0, 0); }
+};
+template <> struct QF<q5_0_t> : Plain<22, false> {
+    static constexpr bool AQ = true, MIN = false;
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 22;
-        b.s0 = b.s1 = h2f(p); b.m = 0.f;
         codes_nib(b, p + 6, u32_at(p + 2), 16);
     }
 };
-template <> struct QF<q5_1_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = true;   // offsets m != 0
-    static int64_t row_bytes(int64_t K) { return K / 32 * 24; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+template <> struct QF<q5_1_t> : Plain<24, true> {
+    static constexpr bool AQ = true, MIN = true;
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + j * 24;
-        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
         codes_nib(b, p + 8, u32_at(p + 4), 0);
     }
 };
@@ -130,6 +118,16 @@ template <> struct QF<q5_1_t> {
 static inline void kq_scale_min(const uint8_t* s, int sb, int* sc, int* mn) {
     if (sb < 4) { *sc = s[sb] & 63; *mn = s[sb + 4] & 63; }
     else { *sc = (s[sb + 4] & 15) | ((s[sb - 4] >> 6) << 4); *mn = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4); }
+}
+// q4_k / q5_k header: d, dmin, then the packed 6-bit scales and mins
+static inline void kq_scales(const uint8_t* p, float* s0, float* s1, float* m) {
+    const float d = h2f(p), dmin = h2f(p + 2);
+    for (int sb = 0; sb < 8; sb++) {
+        int sc, mn;
+        kq_scale_min(p + 4, sb, &sc, &mn);
+        s0[sb] = s1[sb] = d * (float)sc;
+        m[sb] = -(dmin * (float)mn);
+    }
 }
 
 // 32 codes: the low (hi = 0) or high (hi = 1) nibbles of 32 bytes, plus 16 where bit `bit` of qh[i] is set
@@ -144,47 +142,53 @@ static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh
 }
 
 template <> struct QF<q4_k_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = true;   // offsets m != 0
+    static constexpr bool AQ = true, MIN = true;
+    static constexpr int SUB = 8;
     static int64_t row_bytes(int64_t K) { return K / 256 * 144; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + (j >> 3) * 144;
+    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
+        kq_scales(r + g * 144, s0, s1, m);
+    }
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
         const int sb = (int)(j & 7);
-        int sc, mn;
-        kq_scale_min(p + 4, sb, &sc, &mn);
-        b.s0 = b.s1 = h2f(p) * (float)sc; b.m = -(h2f(p + 2) * (float)mn);
-        codes_k(b, p + 16 + 32 * (sb >> 1), sb & 1, 0, 0);
+        codes_k(b, r + (j >> 3) * 144 + 16 + 32 * (sb >> 1), sb & 1, 0, 0);
     }
 };
 template <> struct QF<q5_k_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = true;   // offsets m != 0
+    static constexpr bool AQ = true, MIN = true;
+    static constexpr int SUB = 8;
     static int64_t row_bytes(int64_t K) { return K / 256 * 176; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
+        kq_scales(r + g * 176, s0, s1, m);
+    }
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j >> 3) * 176;
         const int sb = (int)(j & 7);
-        int sc, mn;
-        kq_scale_min(p + 4, sb, &sc, &mn);
-        b.s0 = b.s1 = h2f(p) * (float)sc; b.m = -(h2f(p + 2) * (float)mn);
         codes_k(b, p + 48 + 32 * (sb >> 1), sb & 1, p + 16, sb);
     }
 };
 template <> struct QF<q6_k_t> {
-    static constexpr bool AQ = true;    // int16 activations (quantize_act)
-    static constexpr bool MIN = false;   // offsets m != 0
+    static constexpr bool AQ = true, MIN = false;
+    static constexpr int SUB = 8;
     static int64_t row_bytes(int64_t K) { return K / 256 * 210; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
+        const uint8_t* p = r + g * 210;
+        const float d = h2f(p + 208);
+        const int8_t* sc = (const int8_t*)(p + 192);   // 16 scales, one per 16 values
+        for (int sb = 0; sb < 8; sb++) {
+            s0[sb] = d * (float)sc[2 * sb];
+            s1[sb] = d * (float)sc[2 * sb + 1];
+            m[sb] = 0.f;
+        }
+    }
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
         const uint8_t* p = r + (j >> 3) * 210;
         const int h = (int)((j >> 2) & 1), i = (int)(j & 3);       // half of 128 values, quarter of it
         const uint8_t* ql = p + 64 * h + 32 * (i & 1);              // low nibbles (i < 2) or high (i >= 2)
         const uint8_t* qh = p + 128 + 32 * h;                       // 2-bit high parts at bits 2i, 2i + 1
-        const float d = h2f(p + 208);
-        const int8_t* sc = (const int8_t*)(p + 192 + 8 * h + 2 * i);
-        b.s0 = d * (float)sc[0]; b.s1 = d * (float)sc[1]; b.m = 0.f;
         i16x16 c[2];
-        for (int h = 0; h < 2; h++) {
-            const i16x16 lo = vzext16(ql + 16 * h), hi = vzext16(qh + 16 * h);
-            c[h] = (((i >= 2 ? lo >> 4 : lo) & 15) | (((hi >> (2 * i)) & 3) << 4)) - 32;
+        for (int k = 0; k < 2; k++) {
+            const i16x16 lo = vzext16(ql + 16 * k), hi = vzext16(qh + 16 * k);
+            c[k] = (((i >= 2 ? lo >> 4 : lo) & 15) | (((hi >> (2 * i)) & 3) << 4)) - 32;
         }
         pack16(c[0], c[1], b.q);
     }
@@ -193,25 +197,39 @@ template <> struct QF<q6_k_t> {
 // reft's formats: int8 rows are [float32 scale][K int8]; int4 groups of G are [f16 scale][f16 min][G/2 nibbles]
 // (a row's last group holds K % G values where G does not divide K)
 template <> struct QF<int8_t_> {
-    static constexpr bool AQ = false;   // weight-only: float activations
-    static constexpr bool MIN = false;   // offsets m != 0
+    static constexpr bool AQ = false, MIN = false;   // weight-only: float activations
+    static constexpr int SUB = 1;
     static int64_t row_bytes(int64_t K) { return K + 4; }
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
-        float s; memcpy(&s, r, 4);
-        b.s0 = b.s1 = s; b.m = 0.f;
-        codes_i8(b, r + 4 + 32 * j);
+    static inline void scales(const uint8_t* r, int64_t, float* s0, float* s1, float* m) {
+        memcpy(s0, r, 4);
+        s1[0] = s0[0];
+        m[0] = 0.f;
     }
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) { codes_i8(b, r + 4 + 32 * j); }
 };
 template <int G> struct QF<int4_t_<G>> {
-    static constexpr bool AQ = false;   // weight-only: float activations
-    static constexpr bool MIN = true;
+    static constexpr bool AQ = false, MIN = true;   // weight-only: float activations
+    static constexpr int SUB = 1;
     static int64_t row_bytes(int64_t K) { return K / G * (4 + G / 2) + (K % G ? 4 + K % G / 2 : 0); }   // short last group
-    static inline void block(const uint8_t* r, int64_t j, Blk32& b) {
+    static inline void scales(const uint8_t* r, int64_t j, float* s0, float* s1, float* m) {
         const uint8_t* p = r + (j / (G / 32)) * (4 + G / 2);
-        b.s0 = b.s1 = h2f(p); b.m = h2f(p + 2);
-        codes_nib(b, p + 4 + 16 * (j % (G / 32)), 0, 0);
+        s0[0] = s1[0] = h2f(p);
+        m[0] = h2f(p + 2);
+    }
+    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
+        codes_nib(b, r + (j / (G / 32)) * (4 + G / 2) + 4 + 16 * (j % (G / 32)), 0, 0);
     }
 };
+
+// block j of a row, header and codes (kernels that visit blocks one by one)
+template <typename QT>
+static inline void qblock(const uint8_t* r, int64_t j, Blk32& b) {
+    constexpr int SUB = QF<QT>::SUB;
+    float s0[SUB], s1[SUB], m[SUB];
+    QF<QT>::scales(r, j / SUB, s0, s1, m);
+    QF<QT>::codes(r, j, b);
+    b.s0 = s0[j % SUB]; b.s1 = s1[j % SUB]; b.m = m[j % SUB];
+}
 
 // -- kernels ---------------------------------------------------------------------------------
 // xs[t * NB + j] = sum of x[t, 32j : 32j + 32]
@@ -244,7 +262,7 @@ static void qgemv(const float* x, const float* xs, int64_t K, const uint8_t* W, 
         auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
             if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
-            QF<QT>::block(wr, j, b);
+            qblock<QT>(wr, j, b);
             vf w[NQV];
             for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
             for (int i = 0; i < NQV; i++) w[i] *= i * VW < 16 ? b.s0 : b.s1;
@@ -325,10 +343,11 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
             mo[t][0] = mo[t][1] = 0.f;
         }
         // a = 0 or 1 as a constant: an accumulator picked at run time lives in memory
-        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
+        auto step = [&](int64_t j, int a, float s0, float s1, float m) __attribute__((always_inline)) {
             if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
-            QF<QT>::block(wr, j, b);
+            QF<QT>::codes(wr, j, b);
+            b.s0 = s0; b.s1 = s1; b.m = m;
             for (int t = 0; t < TB; t++) {
                 const int16_t* xq = qx + t * K + 32 * j;
                 const float d = dx[t * NB + j];
@@ -351,9 +370,19 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
                 if constexpr (QF<QT>::MIN) mo[t][a] += b.m * xs[t * NB + j];
             }
         };
-        int64_t j = 0;
-        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
-        if (j < NB) step(j, 0);
+        // the header of each group of SUB blocks once, then its blocks (two groups at a time when SUB = 1)
+        constexpr int SUB = QF<QT>::SUB;
+        auto group = [&](int64_t g, int a0) __attribute__((always_inline)) {
+            float s0[SUB], s1[SUB], m[SUB];
+            QF<QT>::scales(wr, g, s0, s1, m);
+#pragma GCC unroll 8
+            for (int k = 0; k < SUB; k++) step(g * SUB + k, (a0 + k) & 1, s0[k], s1[k], m[k]);
+        };
+        int64_t g = 0;
+        const int64_t NG = NB / SUB;
+        if constexpr (SUB == 1)
+            for (; g + 1 < NG; g += 2) { group(g, 0); group(g + 1, 1); }
+        for (; g < NG; g++) group(g, 0);
         for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum(acc[t][0] + acc[t][1]) + (mo[t][0] + mo[t][1]);
     }
 }
@@ -363,7 +392,7 @@ template <typename QT>
 static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
     for (int64_t j = 0; j < K / 32; j++) {
         Blk32 b;
-        QF<QT>::block(wr, j, b);
+        qblock<QT>(wr, j, b);
         float* o = out + 32 * j;
         vf w[NQV];
         for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
