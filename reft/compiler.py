@@ -1,48 +1,33 @@
 """`reftc compile`: model folder -> IR -> passes -> plan directory.
 
-Steps: read config.json and pick the family (registry keyed on `architectures`), build the
-forward graph with the family's definition, bind its params to the checkpoint (names and
-shapes must agree), run the pass pipeline, then write the plan into a temporary directory
-that is renamed into place only when complete.
+Steps: open the model through its frontend (one ModelSource record for a HF folder or a GGUF
+file), build the entry graphs with the family's definition (`forward`, and any ENTRY_POINTS it
+declares), bind their params to the checkpoint (names and shapes must agree), run the shared
+pass pipeline plus the backend's own passes, let the backend (asked from the registry by name)
+compile the entry graphs, then write the plan into a temporary directory that is renamed into
+place only when complete. The manifest is built by reft/plan.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import backends, settings
+from .backends import BackendOptions
 from .errors import ModelError, ReftError
-from .frontends.architectures import find_family
-from .frontends.config import load_hf_config
-from .frontends.safetensors import open_weights, write_safetensors
-from .frontends.tokenizer import Tokenizer
-from .ir import Graph, GraphBuilder, print_graph
+from .frontends.safetensors import write_safetensors
+from .frontends.source import ASSETS, bundled_models, open_source, resolve_model  # noqa: F401
+from .ir import Graph, GraphBuilder, ops, print_graph
 from .ir.types import FLOAT_DTYPES, TensorType
 from .passes.context import PassContext, WeightStore
 from .passes.manager import PassManager
-from .passes.pipeline import pipeline_for
-from .plan import atomic_dir, write_manifest
+from .passes.pipeline import PIPELINE
+from .plan import atomic_dir, build_manifest, signature, write_manifest  # noqa: F401
 from .progress import progress_bar
 
-BACKENDS = ("cpu", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-ASSETS = Path(__file__).parent / "assets"
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
-
-
-def resolve_model(model: str | Path) -> Path:
-    """A path, or the name of a model shipped inside reft (e.g. `stories260K`)."""
-    p = Path(model)
-    if not p.exists() and str(model) in bundled_models():
-        return ASSETS / str(model)
-    return p
 
 
 def build_graph(family, cfg) -> Graph:
@@ -72,15 +57,13 @@ def bind_weights(graph: Graph, weights, where: str) -> int:
 def keep_quantized(graph: Graph, weights, store: WeightStore) -> None:
     """Bind block-quantized source tensors (GGUF) as quantized params, read as their raw bytes, where
     only the weight inputs of linear / embedding read them (elsewhere they are dequantized floats)."""
-    from .ir.ops.registry import QUANTIZED_WEIGHT_INPUT
-
     qdtype = getattr(weights, "quantized_dtype", None)
     if qdtype is None:
         return
     users = graph.users()
     for n in graph.params():
         dt = qdtype(n.name)
-        if dt and all(QUANTIZED_WEIGHT_INPUT.get(u.op) == u.inputs.index(n.out) for u in users.get(id(n.out), [])):
+        if dt and all(ops.get(u.op).quantized_input == u.inputs.index(n.out) for u in users.get(id(n.out), [])):
             n.out.type = TensorType(n.out.shape, dt)
             store.define(n.name, lambda name=n.name: weights.raw(name))
 
@@ -102,12 +85,6 @@ def quantization_record(graph: Graph, quant: str | None, group_size: int | None,
             "embedding": emb.dtype if emb is not None else None}
 
 
-def signature(graph: Graph) -> dict:
-    spec = lambda v: {"dtype": v.dtype, "shape": list(v.shape)}  # noqa: E731
-    return {"inputs": {n.name: spec(n.out) for n in graph.inputs()},
-            "outputs": {k: spec(v) for k, v in graph.outputs.items()}}
-
-
 def kv_layout(graph: Graph, page_size: int) -> dict | None:
     caches = [n for n in graph.inputs() if n.name.startswith("kv_cache.")]
     if not caches:
@@ -117,108 +94,131 @@ def kv_layout(graph: Graph, page_size: int) -> dict | None:
             "head_dim": t.shape[3], "dtype": t.dtype, "inputs": [n.name for n in caches]}
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `reftc compile` takes besides the model and the output folder."""
+    backend: str | None = None          # a name in reft.backends.names(); None = the best for this machine
+    dtype: str = "float32"              # storage dtype of float weights
+    dump_dir: str | Path | None = None  # --dump (or REFT_DUMP)
+    model_def: str | Path | None = None
+    page_size: int = 16
+    max_batch_tokens: int = 512
+    progress: bool = True
+    quant: str | None = None
+    group_size: int = 32
+    quant_head: bool = False
+    kv_dtype: str = "float32"
+    calibrate: str | Path | None = None
+    target: str | None = None           # backend option: cpu instruction set
+
+    def backend_options(self) -> BackendOptions:
+        return BackendOptions(target=self.target, max_batch_tokens=self.max_batch_tokens)
+
+    def check(self) -> None:
+        """Bad option values fail before any work."""
+        if self.dtype not in DTYPES:
+            raise ReftError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.kv_dtype not in DTYPES:
+            raise ReftError(f"unknown KV-cache dtype {self.kv_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.quant:
+            from .passes.quantize_weights import quant_dtype
+
+            quant_dtype(self.quant, self.group_size)
+
+
 def default_backend() -> str:
     """The best backend for this machine: cpu (C++ codegen) wherever a C++ compiler exists."""
-    import shutil
-
-    return "cpu" if (shutil.which("g++") or shutil.which("c++")) else "reference"
+    return backends.default().name
 
 
-def compile_model(model: str | Path, out: str | Path, *, backend: str | None = None, dtype: str = "float32",
-                  dump_dir: str | Path | None = None, model_def: str | Path | None = None,
-                  page_size: int = 16, max_batch_tokens: int = 512, progress: bool = True,
-                  quant: str | None = None, group_size: int = 32, quant_head: bool = False,
-                  kv_dtype: str = "float32", calibrate: str | Path | None = None, target: str | None = None) -> Path:
-    model = resolve_model(model)
-    backend = backend or default_backend()
-    if target is not None and backend != "cpu":
-        raise ReftError(f"--target selects a cpu instruction set; the {backend} backend takes none")
-    if target is not None:
-        from .backends.cpu.targets import get as cpu_target
+def build_entries(family, cfg) -> dict[str, Graph]:
+    """The plan's entry graphs: `forward`, then any the family declares in ENTRY_POINTS
+    (name -> build(cfg, builder)), all over the same weights."""
+    graphs = {"forward": build_graph(family, cfg)}
+    for name, build in getattr(family, "ENTRY_POINTS", {}).items():
+        b = GraphBuilder(name)
+        build(cfg, b)
+        graphs[name] = b.graph
+    return graphs
 
-        cpu_target(target)   # an unknown name is an error before any work
-    if backend not in BACKENDS:
-        raise ReftError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise ReftError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if kv_dtype not in DTYPES:
-        raise ReftError(f"unknown KV-cache dtype {kv_dtype!r}; choose one of {', '.join(DTYPES)}")
-    if quant:
-        from .passes.quantize_weights import quant_dtype
 
-        quant_dtype(quant, group_size)   # a bad --quant / --group-size fails before any work
-    if not model.exists():
-        raise ModelError(f"{model}: no such model directory (bundled models: {', '.join(bundled_models())})")
-    gguf = _open_gguf(model, model_def) if model.is_file() and model.suffix == ".gguf" else None
-    if model.is_file() and gguf is None:
-        raise ModelError(f"{model}: expected a Hugging Face model directory (config.json, *.safetensors,"
-                         " tokenizer.json) or a .gguf file")
-    hf = gguf.hf_config if gguf else load_hf_config(model)
-    family = gguf.family if gguf else find_family(hf.get("architectures"), model_def)
-    where = model if gguf else model / "config.json"
+def compile_model(model: str | Path, out: str | Path, options: CompileOptions | None = None, **kw) -> Path:
+    """Compile `model` (a folder, a .gguf file or a bundled name) into the plan directory `out`.
+    Options come as a CompileOptions record, or as its fields by keyword."""
+    opts = dataclasses.replace(options or CompileOptions(), **kw)
+    if opts.dump_dir is None and settings.dump_dir() is not None:
+        opts = dataclasses.replace(opts, dump_dir=settings.dump_dir())
+    backend = backends.get(opts.backend) if opts.backend else backends.default()
+    backend.check_options(opts.backend_options())
+    opts.check()
+    source = open_source(model, opts.model_def)
     try:
-        cfg = family.Config.from_hf(hf)
+        cfg = source.family.Config.from_hf(source.config)
     except KeyError as e:
-        raise ModelError(f"{where}: missing key {e}") from None
+        raise ModelError(f"{source.where}: missing key {e}") from None
     except (ValueError, TypeError) as e:
-        raise ModelError(f"{where}: {e}") from None
-    source = Path(model_def) if model_def else where
+        raise ModelError(f"{source.where}: {e}") from None
     try:
-        graph = build_graph(family, cfg)
+        graphs = build_entries(source.family, cfg)
     except (TypeError, ValueError, KeyError) as e:
-        raise ModelError(f"{source}: building the graph failed: {e}") from None
-    weights = gguf.weights if gguf else open_weights(model)
-    n_params = bind_weights(graph, weights, str(model))
-    tokenizer = gguf.tokenizer if gguf else Tokenizer.from_dir(model, hf)
+        raise ModelError(f"{source.model_def or source.where}: building the graph failed: {e}") from None
+    weights = source.weights
+    n_params = bind_weights(graphs["forward"], weights, str(source.path))
+    for g in list(graphs.values())[1:]:
+        bind_weights(g, weights, str(source.path))
+    tokenizer = source.tokenizer
 
     store = WeightStore(weights)
-    keep_quantized(graph, weights, store)
-    calibration_ids = _calibration_ids(calibrate, tokenizer, quant) if calibrate else None
-    ctx = PassContext(store, options={"weight_dtype": dtype, "page_size": page_size,
-                                      "max_batch_tokens": max_batch_tokens, "quant": quant,
-                                      "group_size": group_size, "quant_head": quant_head, "kv_dtype": kv_dtype,
-                                      "calibration_ids": calibration_ids})
+    for g in graphs.values():
+        keep_quantized(g, weights, store)
+    calibration_ids = _calibration_ids(opts.calibrate, tokenizer, opts.quant) if opts.calibrate else None
+    ctx = PassContext(store, options={"weight_dtype": opts.dtype, "page_size": opts.page_size,
+                                      "max_batch_tokens": opts.max_batch_tokens, "quant": opts.quant,
+                                      "group_size": opts.group_size, "quant_head": opts.quant_head,
+                                      "kv_dtype": opts.kv_dtype, "calibration_ids": calibration_ids})
     with atomic_dir(out) as tmp:
-        dumps = tmp / "dumps" if dump_dir else None
-        pm = PassManager(pipeline_for(backend), dump_dir=dumps)
-        graph = pm.run(graph, ctx)
+        dumps = tmp / "dumps" if opts.dump_dir else None
+        records = {}
+        for entry, g in graphs.items():
+            pm = PassManager(PIPELINE + list(backend.passes),
+                             dump_dir=None if dumps is None else dumps if entry == "forward" else dumps / entry)
+            graphs[entry] = pm.run(g, ctx)
+            records[entry] = pm.records
         (tmp / "graphs").mkdir()
-        (tmp / "graphs" / "forward.ir").write_text(print_graph(graph))
+        for entry, g in graphs.items():
+            (tmp / "graphs" / f"{entry}.ir").write_text(print_graph(g))
         (tmp / "kernels").mkdir()
-        backend_record = {"name": "reference", "target": "numpy"}
-        if backend == "cpu":
-            from .backends.cpu import compile_plan
-
-            backend_record = compile_plan(graph, tmp / "kernels", max_tokens=max_batch_tokens, target=target)
-            if dumps:
-                shutil.copy(tmp / backend_record["kernel"]["source"], dumps / "forward.cpp")
+        backend_record = backend.compile(graphs, tmp / "kernels", opts.backend_options(),
+                                         ctx.artifacts.get("memory_plans"))
+        if dumps:
+            for entry, rec in backend_record.get("entries", {}).items():
+                shutil.copy(tmp / rec["source"], dumps / f"{entry}.cpp")
         (tmp / "weights").mkdir()
-        layouts = backend_record.get("layouts", {})
-        weight_bytes = _write_weights(graph, ctx.weights, tmp / "weights" / "model.safetensors", progress, layouts)
+        params = plan_params(graphs)
+        weight_bytes = _write_weights(params, ctx.weights, tmp / "weights" / "model.safetensors", opts.progress,
+                                      backend.weight_layout(backend_record))
         tokenizer.save_to(tmp / "tokenizer")
-        write_manifest(tmp, {
-            "reft_version": __version__,
-            "model": {"architecture": _matched_arch(hf, family), "family": family_name(family, model_def),
-                      "config": dataclasses.asdict(cfg), "params": n_params, "source": str(model.resolve()),
-                      "model_def": _model_def_record(model_def),
-                      **({"gguf_tensor_types": gguf.source_types} if gguf else {})},
-            "context_length": getattr(cfg, "max_position_embeddings", None),
-            "vocab_size": getattr(cfg, "vocab_size", None),
-            "dtypes": {"weights": dtype, "compute": "float32", "activations": "float32"},
-            "quantization": quantization_record(graph, quant, group_size, gguf),
-            "backend": backend_record,
-            "max_batch_tokens": max_batch_tokens,
-            "memory": ctx.artifacts.get("memory"),
-            "entry_points": {"forward": {"graph": "graphs/forward.ir", **signature(graph)}},
-            "kv_cache": kv_layout(graph, page_size),
-            "passes": [dataclasses.asdict(r) for r in pm.records],
-            "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes,
-                        "tensors": len(graph.params())},
-            "ops": graph.op_counts(),
-        })
-        if dump_dir:
-            shutil.copytree(dumps, dump_dir, dirs_exist_ok=True)
+        write_manifest(tmp, build_manifest(
+            source=source, cfg=cfg, n_params=n_params, options=opts, graphs=graphs, backend=backend_record,
+            quantization=quantization_record(graphs["forward"], opts.quant, opts.group_size, source.format == "gguf"),
+            memory=ctx.artifacts.get("memory"), passes=[dataclasses.asdict(r) for r in records["forward"]],
+            kv=kv_layout(graphs["forward"], opts.page_size), weight_bytes=weight_bytes, n_tensors=len(params),
+            writable={e: getattr(source.family, "WRITABLE", {}).get(e, ()) for e in graphs}))
+        if opts.dump_dir:
+            shutil.copytree(dumps, opts.dump_dir, dirs_exist_ok=True)
     return Path(out)
+
+
+def plan_params(graphs: dict[str, Graph]) -> list:
+    """Every weight of the plan's entry graphs, once; an entry may not see a weight in another type."""
+    seen: dict[str, object] = {}
+    for entry, g in graphs.items():
+        for n in g.params():
+            other = seen.setdefault(n.name, n)
+            if other.out.type != n.out.type:
+                raise ReftError(f"entry {entry}: weight {n.name} is {n.out.type} here but {other.out.type}"
+                                " in another entry point")
+    return list(seen.values())
 
 
 def _calibration_ids(path, tokenizer, quant) -> list[int]:
@@ -235,39 +235,14 @@ def _calibration_ids(path, tokenizer, quant) -> list[int]:
     return ids
 
 
-def _open_gguf(model: Path, model_def):
-    """A .gguf file read by reft/frontends/gguf.py (weights dequantized to float when read)."""
-    from .frontends.architectures import load_model_def
-    from .frontends.gguf import open_gguf
-
-    return open_gguf(model, load_model_def(model_def) if model_def else None)
-
-
-def family_name(family, model_def) -> str:
-    return Path(model_def).stem if model_def else family.__name__.split(".")[-1]
-
-
-def _matched_arch(hf: dict, family) -> str:
-    return next((a for a in hf.get("architectures") or [] if a in family.ARCHITECTURES), family.ARCHITECTURES[0])
-
-
-def _model_def_record(model_def) -> dict | None:
-    if not model_def:
-        return None
-    p = Path(model_def)
-    return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-
-
-def _write_weights(graph: Graph, store: WeightStore, path: Path, progress: bool, layouts: dict) -> int:
-    """Stream every weight of the final graph to one safetensors file, in the physical layout the
+def _write_weights(params: list, store: WeightStore, path: Path, progress: bool, layouts: dict) -> int:
+    """Stream every weight of the final graphs to one safetensors file, in the physical layout the
     backend chose for it (e.g. packed for the cpu kernels). Returns the bytes of weights."""
-    from .backends.cpu import pack, packed_shape
-
-    params = graph.params()
     items = []
     for n in params:
         if n.name in layouts:
-            items.append((n.name, n.out.dtype, packed_shape(n.out.shape), lambda name=n.name: pack(store[name])))
+            lay = layouts[n.name]
+            items.append((n.name, n.out.dtype, lay.shape(n.out.shape), lambda name=n.name, lay=lay: lay.pack(store[name])))
         elif n.out.type.quantized:   # raw block rows
             items.append((n.name, "uint8", n.out.type.storage_shape(), lambda name=n.name: store[name]))
         else:

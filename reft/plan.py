@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +50,51 @@ def atomic_dir(out: str | Path):
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def signature(graph) -> dict:
+    """An entry point's inputs and outputs: name -> dtype and shape (symbolic dims by name)."""
+    spec = lambda v: {"dtype": v.dtype, "shape": list(v.shape)}  # noqa: E731
+    return {"inputs": {n.name: spec(n.out) for n in graph.inputs()},
+            "outputs": {k: spec(v) for k, v in graph.outputs.items()}}
+
+
+def build_manifest(*, source, cfg, n_params: int, options, graphs: dict, backend: dict, quantization, memory,
+                   passes: list, kv, weight_bytes: int, n_tensors: int, writable: dict) -> dict:
+    """The manifest of a compiled plan (the one place its fields are put together).
+
+    source: the frontends' ModelSource; options: the CompileOptions; graphs: entry -> final Graph;
+    backend: the backend's compile record; writable: entry -> params that entry updates in place.
+    """
+    from . import __version__
+
+    return {
+        "reft_version": __version__,
+        "model": {"architecture": source.architecture, "family": source.family_name,
+                  "config": dataclasses.asdict(cfg), "params": n_params, "source": str(source.path.resolve()),
+                  "model_def": _model_def_record(source.model_def), **source.provenance},
+        "context_length": getattr(cfg, "max_position_embeddings", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "dtypes": {"weights": options.dtype, "compute": "float32", "activations": "float32"},
+        "quantization": quantization,
+        "backend": backend,
+        "max_batch_tokens": options.max_batch_tokens,
+        "memory": memory,
+        "entry_points": {e: {"graph": f"graphs/{e}.ir", **signature(g),
+                             **({"writable": sorted(writable[e])} if writable.get(e) else {})}
+                         for e, g in graphs.items()},
+        "kv_cache": kv,
+        "passes": passes,
+        "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes, "tensors": n_tensors},
+        "ops": graphs["forward"].op_counts(),
+    }
+
+
+def _model_def_record(model_def) -> dict | None:
+    if not model_def:
+        return None
+    p = Path(model_def)
+    return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
 def write_manifest(plan_dir: Path, manifest: dict) -> None:

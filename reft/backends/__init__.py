@@ -1,24 +1,17 @@
-"""Backends turn a plan's graph into something that runs.
-
-The runtime talks to a small device interface through `load(plan)`:
-  exe.run(feeds) -> outputs       one call per step for the whole forward graph
-  exe.zeros(shape, dtype)         device memory for runtime-owned state (KV-cache pages)
-"""
+"""Backends turn a plan's entry graphs into something that runs (reft/backends/base.py has the
+interface, registry.py the names). The runtime loads a plan through `load(plan, options)` and
+then talks only to the Executable it returns."""
 from __future__ import annotations
 
-from ..errors import PlanError
+from .base import Backend, BackendOptions, Executable, WeightLayout
+from .registry import default, for_plan, get, names, register
 
-AVAILABLE = ("cpu", "reference")
+
+def load(plan, options: BackendOptions | None = None, *, threads: int | None = None) -> Executable:
+    """The plan's backend loads it. `threads` is shorthand for BackendOptions(threads=...)."""
+    options = options or BackendOptions(threads=threads)
+    return for_plan(plan).load(plan, options)
 
 
-def load(plan, threads: int | None = None):
-    name = plan.manifest["backend"]["name"]
-    if name == "cpu":
-        from .cpu import load as load_cpu
-
-        return load_cpu(plan, threads)
-    if name == "reference":
-        from .reference import load as load_reference
-
-        return load_reference(plan)
-    raise PlanError(f"{plan.path}: backend {name!r} is not available here (available: {', '.join(AVAILABLE)})")
+__all__ = ["Backend", "BackendOptions", "Executable", "WeightLayout", "default", "for_plan", "get", "load",
+           "names", "register"]

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .. import settings
 from ..errors import ReftError
 
 
@@ -24,7 +25,7 @@ def friendly_errors(fn):
         except BrokenPipeError:
             os._exit(0)
         except Exception as e:  # a bug; keep the traceback available on request
-            if os.environ.get("REFT_DEBUG"):
+            if settings.debug():
                 raise
             click.echo(f"error: internal error: {type(e).__name__}: {e} (set REFT_DEBUG=1 for a traceback)",
                        err=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..backends.base import BackendOptions
 from .common import friendly_errors, show_progress
 
 
@@ -35,26 +36,19 @@ def _sampling(plan, temperature, top_p, top_k, min_p, seed):
                           min_p=float(min_p), seed=seed)
 
 
-def _stream(engine, prompt_ids, max_tokens, sampling, stops, out) -> int:
-    """Generate and write text to `out` as it is produced; returns the number of tokens."""
-    from ..frontends.tokenizer import IncrementalDecoder
-    from ..runtime.generate import GenerationRequest, generate
-    from ..runtime.stop import StopStrings
+def _stream(serving, prompt_ids, max_tokens, sampling, stops, special, out) -> int:
+    """Generate one request on the serving engine (as a served request would be) and write its text
+    to `out` as it is produced; returns the number of tokens."""
+    from ..runtime.generate import stream
+    from ..runtime.serving import Request
 
-    tok = engine.tokenizer
-    dec = IncrementalDecoder(tok, prompt_ids)
-    stop = StopStrings(stops)
-    req = GenerationRequest(prompt_ids, max_tokens, sampling, tuple(tok.eos_token_ids))
+    req = Request("cli", list(prompt_ids), max_tokens, sampling, stop=tuple(stops),
+                  skip_special_tokens=not special)
     n = 0
-    for t in generate(engine, req):
-        n += 1
-        out.write(stop.push(dec.push(t)))
+    for o in stream(serving, req):
+        out.write(o.text)
         out.flush()
-        if stop.stopped:
-            break
-    if not stop.stopped:
-        out.write(stop.push(dec.flush()) + stop.flush())
-    out.flush()
+        n = o.completion_tokens
     return n
 
 
@@ -135,11 +129,14 @@ def serve_options(fn):
               help="A Jinja chat template file to use instead of the model's own (--chat and --serve).")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None,
               help="CPU threads for the cpu backend. [default: physical cores]")
+@click.option("--special", is_flag=True,
+              help="--prompt/--chat: print the special tokens the model generates (left out by default);"
+                   " the end-of-sequence token that stops generation is never printed.")
 @sampling_options
 @serve_options
 @friendly_errors
-def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, threads,
-        serve, host, port, api_key, metrics_public, allowed_hosts, max_request_bytes, max_prompt_chars,
+def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, special,
+        threads, serve, host, port, api_key, metrics_public, allowed_hosts, max_request_bytes, max_prompt_chars,
         kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name, no_prefix_caching):
     """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
 
@@ -157,17 +154,21 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
 
         return run_server(plan, host=host, port=port, api_key=api_key, kv_cache_memory=kv_cache_memory,
                           max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-                          chat_template=chat_template, threads=threads, model_name=model_name,
+                          chat_template=chat_template, backend_options=BackendOptions(threads=threads),
+                          model_name=model_name,
                           prefix_caching=not no_prefix_caching, metrics_public=metrics_public,
                           max_request_bytes=max_request_bytes, max_prompt_chars=max_prompt_chars,
                           allowed_hosts=allowed_hosts)
-    engine = Engine.load(plan, threads=threads)
+    from ..runtime.serving import ServingEngine
+
+    engine = Engine.load(plan, backend_options=BackendOptions(threads=threads))
+    serving = ServingEngine(engine, max_num_seqs=1)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     tok = engine.tokenizer
     if prompt is not None:
         ids = tok.encode(prompt)
         sys.stdout.write(prompt)
-        _stream(engine, ids, max_tokens, sampling, stop, sys.stdout)
+        _stream(serving, ids, max_tokens, sampling, stop, special, sys.stdout)
         sys.stdout.write("\n")
         return
     template = chat_template.read_text() if chat_template else None
@@ -186,7 +187,7 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
         ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True, template=template),
                          add_special_tokens=False)
         reply = _Capture(sys.stdout)
-        _stream(engine, ids, max_tokens, sampling, stop, reply)
+        _stream(serving, ids, max_tokens, sampling, stop, special, reply)
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply.text.strip()})
@@ -232,7 +233,7 @@ def perplexity(plan, text_file, ctx, threads):
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ReftError(f"{text_file}: cannot read text ({e.__class__.__name__}: {e})") from None
-    engine = Engine.load(plan, threads=threads)
+    engine = Engine.load(plan, backend_options=BackendOptions(threads=threads))
     ids = engine.tokenizer.encode(text)
     with progress_bar(len(ids), "perplexity", enabled=show_progress(), unit="tok") as bar:
         r = run_ppl(engine, ids, ctx, progress=bar.update)
@@ -257,16 +258,15 @@ def bench(plan, prompt, gen, repetitions, threads, fmt):
     """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev)."""
     import json as _json
 
-    from ..backends.cpu import physical_cores
     from ..errors import ReftError
     from ..runtime.bench import bench as run_bench
     from ..runtime.bench import format_table
     from ..runtime.engine import Engine
 
-    threads = threads or physical_cores()
     t0 = time.perf_counter()
-    engine = Engine.load(plan, threads=threads, kv_tokens=prompt + gen + 16)
+    engine = Engine.load(plan, backend_options=BackendOptions(threads=threads), kv_tokens=prompt + gen + 16)
     load_s = time.perf_counter() - t0
+    threads = getattr(engine.exe, "threads", None) or threads or 1   # what the backend runs on
     if prompt > engine.max_batch_tokens:
         raise ReftError(f"-p {prompt} exceeds the plan's max_batch_tokens {engine.max_batch_tokens}"
                         " (recompile with a larger --max-batch-tokens)")

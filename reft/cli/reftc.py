@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..backends.registry import names as backend_names
 from .common import friendly_errors, show_progress
 
 
@@ -27,7 +28,7 @@ def main():
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Plan directory to write (replaced atomically if it already holds a plan).")
-@click.option("--backend", default=None, type=click.Choice(["cpu", "reference"]),
+@click.option("--backend", default=None, type=click.Choice(backend_names()),
               help="Code generator: 'cpu' emits fused C++ kernels compiled by the host compiler; 'reference' runs"
                    " the IR with numpy (the oracle every other backend is tested against). [default: cpu]")
 @click.option("--dtype", default="float32", show_default=True,
@@ -65,12 +66,12 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batc
     .gguf file (block-quantized tensors stay quantized), or the name of a model bundled
     with reft: `stories260K`.
     """
-    from ..compiler import compile_model
+    from ..compiler import CompileOptions, compile_model
 
-    compile_model(model, out, backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
-                  page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant,
-                  group_size=int(group_size), quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate,
-                  target=target)
+    compile_model(model, out, CompileOptions(
+        backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def, page_size=page_size,
+        max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant, group_size=int(group_size),
+        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=target))
     click.echo(f"wrote plan {out}")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import ops
 from .graph import Graph
-from .ops.registry import QUANTIZED_WEIGHT_INPUT
+from .ops.registry import quantized_weight_inputs
 
 
 class VerifyError(Exception):
@@ -24,9 +24,9 @@ def verify(graph: Graph) -> None:
             if v.node is not n or v.index != j:
                 raise VerifyError(f"{where}: output {j} does not point back at its node")
         for j, v in enumerate(n.inputs):
-            if v.type.quantized and QUANTIZED_WEIGHT_INPUT.get(n.op) != j:
+            if v.type.quantized and ops.get(n.op).quantized_input != j:
                 raise VerifyError(f"{where}: input {j} is quantized ({v.type}); only the weight of"
-                                  f" {', '.join(sorted(QUANTIZED_WEIGHT_INPUT))} may be")
+                                  f" {', '.join(sorted(quantized_weight_inputs()))} may be")
         if any(v.type.quantized for v in n.outputs) and n.op != "param":
             raise VerifyError(f"{where}: only weights (param) may be quantized, not {n.op} results")
         d = ops.get(n.op)

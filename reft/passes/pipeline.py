@@ -29,7 +29,8 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("lower_paged_attention", lower_paged_attention),
 ]
 
-# -- kernel fusion and memory planning, for code-generating backends
+# -- kernel fusion and memory planning: the passes code-generating backends ask for (Backend.passes);
+#    the compiler runs PIPELINE + backend.passes
 CODEGEN: list[tuple[str, PassFn]] = [
     ("fuse_qkv_rope", fuse_qkv_rope),
     ("fuse_glu", fuse_glu),
@@ -37,6 +38,3 @@ CODEGEN: list[tuple[str, PassFn]] = [
     ("plan_memory", plan_memory_pass),
 ]
 
-
-def pipeline_for(backend: str) -> list[tuple[str, PassFn]]:
-    return PIPELINE + (CODEGEN if backend != "reference" else [])

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Graph, Value
+from ..ir import Graph, Value, ops
 from ..ir.types import bind, itemsize
 from .context import PassContext
 
 ALIGN = 64
 # outputs that alias an input: op -> {output index: input index}
-ALIASES = {"reshape": {0: 0}, "kv_cache_write": {0: 0, 1: 1}}
 
 
 @dataclass
@@ -44,7 +43,7 @@ def plan_memory(graph: Graph, sizes: dict[str, int]) -> MemoryPlan:
     plan = MemoryPlan()
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
-        for o, i in ALIASES.get(n.op, {}).items():
+        for o, i in ops.get(n.op).aliases.items():   # views and in-place writes share a buffer
             plan.roots[id(n.outputs[o])] = plan.root(n.inputs[i])
     end = len(graph.nodes)
     live: dict[int, list] = {}  # id(root) -> [value, first, last]
@@ -83,9 +82,12 @@ def plan_memory(graph: Graph, sizes: dict[str, int]) -> MemoryPlan:
 def plan_memory_pass(graph: Graph, ctx: PassContext) -> Graph:
     """Record the peak activation bytes for a few batch sizes (reported by `reftc inspect`)."""
     report = {}
-    for t in sorted({1, 16, 128, int(ctx.options.get("max_batch_tokens", 512))}):
+    top = int(ctx.options.get("max_batch_tokens", 512))
+    for t in sorted({1, 16, 128, top}):
         p = plan_memory(graph, {"T": t, "R": t})
         report[str(t)] = {"arena_bytes": p.arena_bytes, "without_reuse_bytes": p.naive_bytes}
+        if t == top:   # the plan a backend lays the arena out by (planned once, here)
+            ctx.artifacts.setdefault("memory_plans", {})[graph.name] = p
     ctx.artifacts["memory"] = report
     ctx.count("buffers", len(plan_memory(graph, {"T": 1, "R": 1}).offsets))
     return graph

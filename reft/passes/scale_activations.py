@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.reference import ReferenceExecutor
+from ..ir.interpret import ReferenceExecutor
 from ..errors import ReftError
 from ..ir import Graph, parse_graph, print_graph
 from ..ir.types import FLOAT_DTYPES

@@ -27,9 +27,12 @@ class Chunk:
 
 class Engine:
     def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 threads: int | None = None, prefix_caching: bool = True):
+                 backend_options: backends.BackendOptions | None = None, prefix_caching: bool = True,
+                 threads: int | None = None):
+        """backend_options: what the plan's backend loads it with (e.g. the cpu backend's threads);
+        `threads=` is shorthand for BackendOptions(threads=...)."""
         self.plan = plan
-        self.exe = backends.load(plan, threads)
+        self.exe = backends.load(plan, backend_options or backends.BackendOptions(threads=threads))
         self.context_length = plan.context_length
         limit = int(plan.manifest.get("max_batch_tokens") or 512)
         self.max_batch_tokens = min(max_batch_tokens or limit, limit)

@@ -27,6 +27,15 @@ class Plan:
                 raise PlanError(f"{f}: cannot read graph ({e})") from None
         return self._graphs[entry]
 
+    @property
+    def entry_points(self) -> list[str]:
+        return list(self.manifest["entry_points"])
+
+    def writable_params(self, entry: str | None = None) -> set[str]:
+        """Params an entry point (any, if None) updates in place; empty for inference plans."""
+        eps = self.manifest["entry_points"]
+        return {p for e, spec in eps.items() if entry in (None, e) for p in spec.get("writable", [])}
+
     @cached_property
     def weights(self):
         from ..frontends.safetensors import open_weights

@@ -86,7 +86,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cache_memory: str | None,
           max_num_seqs: int, max_batch_tokens: int | None, max_queue: int, chat_template: Path | None,
-          threads: int | None, model_name: str | None, prefix_caching: bool = True, metrics_public: bool = False,
+          backend_options, model_name: str | None, prefix_caching: bool = True, metrics_public: bool = False,
           max_request_bytes: str | None = None, max_prompt_chars: int | None = None,
           allowed_hosts: str | None = None) -> None:
     try:
@@ -118,7 +118,7 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     plan = Plan(plan_path)
     pages = kv_pages(plan.kv, kv_cache_memory, max_num_seqs, plan.context_length)
     engine = Engine(plan, kv_tokens=pages * plan.kv["page_size"], max_batch_tokens=max_batch_tokens,
-                    threads=threads, prefix_caching=prefix_caching)
+                    backend_options=backend_options, prefix_caching=prefix_caching)
     if template is not None:
         engine.tokenizer.render_chat([{"role": "user", "content": "hi"}], template=template)  # fails early
     metrics = ServerMetrics()

@@ -60,6 +60,28 @@ def test_run_stop_string(stories_plan):
     assert p.stdout == "Once upon a time, there was a little girl named \n"
 
 
+def test_run_special_tokens_hidden_unless_asked(stories_plan, tmp_path):
+    """A special token the model generates mid-text is left out of what `reft run` prints (as
+    llama.cpp and vLLM do) and printed with --special. Greedy decoding says "... named ▁Lily."; the
+    plan's tokenizer is edited so that "▁Lily" is an added special token."""
+    import shutil
+
+    plan = tmp_path / "plan"
+    shutil.copytree(stories_plan, plan)
+    tok_file = plan / "tokenizer" / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    lily = tok["model"]["vocab"]["\u2581Lily"]
+    tok["added_tokens"].append({"id": lily, "content": "\u2581Lily", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    tok_file.write_text(json.dumps(tok))
+    args = ("reft", "run", plan, "--prompt", "Once upon a time", "--temperature", "0", "-n", "16")
+    plain, special = run(*args), run(*args, "--special")
+    assert plain.returncode == 0 and special.returncode == 0, plain.stderr + special.stderr
+    assert special.stdout.startswith("Once upon a time, there was a little girl named Lily.")
+    assert plain.stdout == special.stdout.replace(" Lily", "")
+    assert "Lily" not in plain.stdout and plain.stdout.startswith("Once upon a time, there was a little girl named.")
+
+
 def test_run_seed_is_reproducible(stories_plan):
     a = run("reft", "run", stories_plan, "-p", "Once upon a time", "--temperature", "1", "--seed", "7", "-n", "30")
     b = run("reft", "run", stories_plan, "-p", "Once upon a time", "--temperature", "1", "--seed", "7", "-n", "30")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jinja2
 
-from ... import __version__
+from ... import __version__, settings
 from ...errors import ReftError
 from .lower import Lowered
 from .targets import check_target, compile_flags, compiler_prefix, get as get_target, host_target  # noqa: F401
@@ -25,6 +25,7 @@ FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
 
 
 def render(low: Lowered, entry: str, target: str) -> str:
+    """The C++ source of one entry point: `extern "C" int reft_<entry>(...)` and its kernels."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("forward.cpp.j2").render(
@@ -33,8 +34,16 @@ def render(low: Lowered, entry: str, target: str) -> str:
         scratch_floats=low.scratch_floats, symbols=low.symbols, calls=low.calls)
 
 
+def rename_exports(source: str, entry: str) -> str:
+    """The source of a second (third, ...) entry point of one library: its per-source exports get the
+    entry's suffix (reft_init_<entry>, reft_scratch_floats_<entry>) so the sources link together."""
+    return (f"// entry {entry}: per-source exports renamed to link beside the first entry point\n"
+            f"#define reft_init reft_init_{entry}\n#define reft_scratch_floats reft_scratch_floats_{entry}\n"
+            + source)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("REFT_CACHE_DIR") or Path.home() / ".cache" / "reft" / "kernels")
+    return settings.cache_dir()
 
 
 def compiler(target: str | None = None) -> str:
@@ -46,7 +55,7 @@ def compiler(target: str | None = None) -> str:
             raise ReftError(f"cpu target {target} is cross-compiled with {prefix}g++, which is not installed"
                             f" (Debian: apt-get install g++-{prefix[:-1].replace('_', '-')})")
         return cxx
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = settings.cxx() or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise ReftError("the cpu backend needs a C++ compiler (g++); install it or set CXX")
     return cxx
@@ -54,19 +63,29 @@ def compiler(target: str | None = None) -> str:
 
 def build(source: str, target: str, out_dir: Path) -> tuple[Path, Path]:
     """Write <hash>.cpp and compile <hash>.so into out_dir (reusing the cache). Returns both paths."""
+    srcs, lib = build_library([source], target, out_dir)
+    return srcs[0], lib
+
+
+def build_library(sources: list[str], target: str, out_dir: Path) -> tuple[list[Path], Path]:
+    """Write each source as <hash>.cpp and link them all into one <hash>.so (named by the first
+    source's hash and the others'; reusing the cache). Returns the source paths and the library."""
     cxx = compiler(target)
     flags = FLAGS + compile_flags(target)
-    digest = hashlib.sha256("\n".join([source, cxx, *flags]).encode()).hexdigest()[:20]
-    src, lib = out_dir / f"{digest}.cpp", out_dir / f"{digest}.so"
-    src.write_text(source)
+    digests = [hashlib.sha256("\n".join([s, cxx, *flags]).encode()).hexdigest()[:20] for s in sources]
+    digest = digests[0] if len(sources) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
+    srcs, lib = [out_dir / f"{d}.cpp" for d in digests], out_dir / f"{digest}.so"
+    for path, text in zip(srcs, sources):
+        path.write_text(text)
     cached = cache_dir() / f"{digest}.so"
     if cached.exists():
         shutil.copy(cached, lib)
-        return src, lib
+        return srcs, lib
     with tempfile.TemporaryDirectory() as tmp:
         tmp_lib = Path(tmp) / lib.name
-        p = subprocess.run([cxx, *flags, str(src), "-o", str(tmp_lib)], capture_output=True, text=True)
+        p = subprocess.run([cxx, *flags, *map(str, srcs), "-o", str(tmp_lib)], capture_output=True, text=True)
         if p.returncode != 0:
+            src = srcs[0]
             keep = cache_dir() / f"failed-{src.name}"
             keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, keep)
@@ -79,4 +98,4 @@ def build(source: str, target: str, out_dir: Path) -> tuple[Path, Path]:
             os.replace(cached.with_suffix(".tmp"), cached)
         except OSError:
             pass
-    return src, lib
+    return srcs, lib

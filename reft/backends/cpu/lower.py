@@ -24,8 +24,9 @@ CTYPE.update({q: f"{q}_t" for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_
 CTYPE.update({"int8": "int8_t_", "int4_g32": "int4_t_<32>", "int4_g64": "int4_t_<64>", "int4_g128": "int4_t_<128>"})
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
 RB = 8                  # rows of a packed weight block (templates/linear.h)
-# consumers that read a weight matrix in the packed layout: op -> index of the weight input
-PACKED_READERS = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
+# consumers that read a weight matrix in the packed layout: op -> index of the weight input (the
+# input the op registry says may carry a weight matrix: OpDef.quantized_input)
+PACKED_READERS = ops.registry.quantized_weight_inputs()
 PACKED = "rows8x16"
 ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position")
@@ -68,11 +69,12 @@ def strides(shape) -> list[str]:
 
 
 class Lowering:
-    def __init__(self, graph: Graph, max_tokens: int, target: str):
+    def __init__(self, graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None):
         self.g = graph
         self.max_tokens = max_tokens
         self.tune = get_target(target).tuning   # the #defines the kernels are compiled with
-        self.plan: MemoryPlan = plan_memory(graph, {"T": max_tokens, "R": max_tokens})
+        # the plan_memory pass's plan for max_tokens when the compiler ran it; planned here otherwise
+        self.plan: MemoryPlan = plan or plan_memory(graph, {"T": max_tokens, "R": max_tokens})
         self.inputs = [n.name for n in graph.inputs()]
         self.params = [n.name for n in graph.params()]
         self.calls: list[Call] = []
@@ -133,13 +135,13 @@ class Lowering:
     # -- driver ------------------------------------------------------------------------
     def run(self) -> Lowered:
         for i, n in enumerate(self.g.nodes):
-            if n.op in ("input", "param", "reshape"):
+            if n.op in NO_CODE:
                 continue
-            fn = getattr(self, f"op_{n.op}", None)
+            fn = EMITTERS.get(n.op)
             if fn is None:
                 raise Unsupported(f"cpu backend: op {n.op} is not supported")
             before = len(self.calls)
-            fn(n)
+            fn(self, n)
             for c in self.calls[before:]:
                 c.comment = f"node {i}: {n.op}" + (f" ({c.comment})" if c.comment else "") + self._where(n)
         outputs = {}
@@ -378,6 +380,17 @@ def _array(name: str, items: list[str]) -> str:
     return f"const int64_t {name}[] = {{{', '.join(items) or '0'}}};"
 
 
+# op -> the Lowering method (op_<name>) that emits its kernel calls; NO_CODE ops emit none (sources,
+# and views, which alias their input's buffer)
+NO_CODE = frozenset({"input", "param", "reshape"})
+EMITTERS = {name[3:]: fn for name, fn in vars(Lowering).items() if name.startswith("op_")}
+
+
+def lowers(op: str) -> bool:
+    """Whether the cpu backend lowers `op` (tests check every registered op does, or is reference-only)."""
+    return op in NO_CODE or op in EMITTERS
+
+
 def _bstrides(shape, out_shape) -> list[str]:
     """Strides of `shape` broadcast to out_shape (0 on broadcast dims, missing leading dims)."""
     pad = len(out_shape) - len(shape)
@@ -402,5 +415,5 @@ def packed_shape(shape) -> tuple:
     return (-(-N // RB), -(-K // 16), RB, 16)
 
 
-def lower(graph: Graph, max_tokens: int, target: str) -> Lowered:
-    return Lowering(graph, max_tokens, target).run()
+def lower(graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None) -> Lowered:
+    return Lowering(graph, max_tokens, target, plan).run()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import settings
 from ...errors import PlanError
 
 HUGE = 2 << 20
@@ -80,8 +81,10 @@ def _read_header(f, path: Path) -> tuple[dict, int]:
 class HostWeights:
     """The data section of a safetensors file in memory; name -> address."""
 
-    def __init__(self, path: Path, huge: bool = True):
-        mode = os.environ.get("REFT_WEIGHTS", "auto")
+    def __init__(self, path: Path, huge: bool = True, writable: bool = False):
+        """writable: the weights go to anonymous memory the entry points may write (training);
+        otherwise REFT_WEIGHTS (reft/settings.py) picks the read-only mapping or a copy."""
+        mode = "read" if writable else settings.weights_mode()
         try:
             with open(path, "rb") as f:
                 header, start = _read_header(f, path)

@@ -1,4 +1,4 @@
-"""Run a CPU plan: load the compiled forward function and call it once per step."""
+"""Run a CPU plan: load the compiled library and call one entry point's function once per step."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import PlanError, RequestError
 from ...ir.types import np_dtype, unify
+from ..base import HostBuffers
 from .targets import check_target
 from .memory import HostWeights, address, anon
 
@@ -68,60 +69,73 @@ def concrete(shape, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
 
 
-class CpuExecutable:
-    """The compiled forward function of a graph, its weights, arena and scratch memory."""
+class Entry:
+    """One exported function of the library: its C signature's arrays and where its outputs land."""
 
-    def __init__(self, graph, record: dict, library: Path, weights, max_tokens: int, threads: int | None = None):
-        k = record["kernel"]
-        self.graph = graph
-        self.lib = ctypes.CDLL(str(library))
-        self.lib.reft_init(ctypes.c_void_p(_openblas_sgemm()))
-        self.fn = getattr(self.lib, "reft_forward")
+    def __init__(self, lib, graph, rec: dict, weights, threads: int):
+        self.fn = getattr(lib, rec["function"])
         self.fn.restype = ctypes.c_int
-        self.threads = threads or physical_cores()
-        self.symbols = k["symbols"]
-        self.max_tokens = int(max_tokens)
-        self.inputs = [n for n in self.graph.inputs()]
-        names = {n.name for n in self.graph.params()}
-        missing = [p for p in k["params"] if p not in names]
+        self.symbols = rec["symbols"]
+        self.inputs = list(graph.inputs())
+        names = {n.name for n in graph.params()}
+        missing = [p for p in rec["params"] if p not in names]
         if missing:
             raise PlanError(f"kernel parameter {missing[0]} is not a weight of the graph")
-        self.weights = weights
-        self.P = (ctypes.c_void_p * max(1, len(k["params"])))(*[weights.address(p) for p in k["params"]])
-        self.arena = anon(max(64, int(k["arena_bytes"])))
-        self.scratch = anon(4 * int(k["scratch_floats"]) * self.threads, huge=False)
-        self.outputs = k["outputs"]
+        self.P = (ctypes.c_void_p * max(1, len(rec["params"])))(*[weights.address(p) for p in rec["params"]])
+        self.arena = anon(max(64, int(rec["arena_bytes"])))
+        self.scratch = anon(4 * int(rec["scratch_floats"]) * threads, huge=False)
+        self.outputs = rec["outputs"]
         self.dims = (ctypes.c_int64 * max(1, len(self.symbols)))()
         self.ins = (ctypes.c_void_p * max(1, len(self.inputs)))()
-        self._keep: list = []
 
-    def run(self, feeds) -> dict[str, np.ndarray]:
-        keep, sizes = bind_inputs(self.inputs, feeds, self.max_tokens)
+
+class CpuExecutable(HostBuffers):
+    """The compiled library of a plan's entry points, its weights, and each entry's arena and scratch."""
+
+    def __init__(self, graphs, record: dict, library: Path, weights, max_tokens: int, threads: int | None = None):
+        if not isinstance(graphs, dict):   # one graph: the forward entry
+            graphs = {"forward": graphs}
+        entries = record.get("entries") or {"forward": {"function": "reft_forward", "init": "reft_init",
+                                                        **record["kernel"]}}
+        self.graphs = graphs
+        self.graph = graphs.get("forward") or next(iter(graphs.values()))
+        self.lib = ctypes.CDLL(str(library))
+        sgemm = ctypes.c_void_p(_openblas_sgemm())
+        for rec in entries.values():
+            getattr(self.lib, rec["init"])(sgemm)
+        self.threads = threads or physical_cores()
+        self.max_tokens = int(max_tokens)
+        self.weights = weights
+        self.entries = {e: Entry(self.lib, graphs[e], rec, weights, self.threads) for e, rec in entries.items()}
+
+    def run(self, feeds, entry: str = "forward") -> dict[str, np.ndarray]:
+        ep = self.entries[entry]
+        keep, sizes = bind_inputs(ep.inputs, feeds, self.max_tokens)
         for i, a in enumerate(keep):
-            self.ins[i] = a.ctypes.data
-        for j, s in enumerate(self.symbols):
-            self.dims[j] = sizes[s]
-        self.fn(self.dims, self.ins, self.P, ctypes.c_void_p(address(self.arena)),
-                ctypes.c_void_p(address(self.scratch)), ctypes.c_int(self.threads))
+            ep.ins[i] = a.ctypes.data
+        for j, s in enumerate(ep.symbols):
+            ep.dims[j] = sizes[s]
+        ep.fn(ep.dims, ep.ins, ep.P, ctypes.c_void_p(address(ep.arena)),
+              ctypes.c_void_p(address(ep.scratch)), ctypes.c_int(self.threads))
         out = {}
-        for name, (off, dtype, shape) in self.outputs.items():
+        for name, (off, dtype, shape) in ep.outputs.items():
             shp = concrete(shape, sizes)
             if off < 0:  # the output is (a view of) an input the step wrote in place
                 out[name] = keep[~off].reshape(shp)
                 continue
             count = int(np.prod(shp, dtype=np.int64))
-            out[name] = np.frombuffer(self.arena, dtype=np_dtype(dtype), count=count, offset=off).reshape(shp).copy()
+            out[name] = np.frombuffer(ep.arena, dtype=np_dtype(dtype), count=count, offset=off).reshape(shp).copy()
         return out
 
-    @staticmethod
-    def zeros(shape, dtype: str):
-        return np.zeros(shape, np_dtype(dtype))
-
     @classmethod
-    def from_plan(cls, plan, threads: int | None = None) -> "CpuExecutable":
+    def from_plan(cls, plan, options=None) -> "CpuExecutable":
+        """options: a BackendOptions (threads, writable), or a thread count (older callers)."""
+        threads = options if isinstance(options, int) or options is None else options.threads
+        writable = bool(getattr(options, "writable", False) or plan.writable_params())
         m = plan.manifest
         record = m["backend"]
         check_target(record["target"])
-        weights = HostWeights(plan.path / m["weights"]["files"][0])
-        return cls(plan.graph("forward"), record, plan.path / record["kernel"]["library"], weights,
+        weights = HostWeights(plan.path / m["weights"]["files"][0], writable=writable)
+        graphs = {e: plan.graph(e) for e in plan.entry_points}
+        return cls(graphs, record, plan.path / record["kernel"]["library"], weights,
                    int(m["max_batch_tokens"]), threads)

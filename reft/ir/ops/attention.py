@@ -111,7 +111,7 @@ def _write_ref(xs, a):
     return [kc, vc]
 
 
-op("kv_cache_write", infer=_write_infer, ref=_write_ref, arity=7, traits={SIDE_EFFECT},
+op("kv_cache_write", aliases={0: 0, 1: 1}, infer=_write_infer, ref=_write_ref, arity=7, traits={SIDE_EFFECT},
    doc="Store K/V rows into their cache pages; outputs alias the cache inputs.")
 
 

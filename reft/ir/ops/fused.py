@@ -52,7 +52,7 @@ def _glu_ref(xs, a):
     return [R.get("mul").ref([g, y[..., f:]], {})[0]]
 
 
-op("linear_glu", infer=_glu_infer, ref=_glu_ref, arity=(2, 3), traits={CONTRACTION}, attrs=("act",),
+op("linear_glu", quantized_input=1, infer=_glu_infer, ref=_glu_ref, arity=(2, 3), traits={CONTRACTION}, attrs=("act",),
    doc="Gate/up projection with the gated activation in its epilogue: act(x W_g^T) * (x W_u^T).")
 
 
@@ -101,7 +101,7 @@ def _qkv_ref(xs, a):
     return [_rope_ref([q, pos], ra)[0], _rope_ref([k, pos], ra)[0], v]
 
 
-op("qkv_rope", infer=_qkv_infer, ref=_qkv_ref, arity=(3, 6), traits={CONTRACTION},
+op("qkv_rope", quantized_input=1, infer=_qkv_infer, ref=_qkv_ref, arity=(3, 6), traits={CONTRACTION},
    attrs=("heads", "kv_heads", "head_dim", "theta", "rotary_dim"),
    defaults={"bias": False, "qk_norm": False, "eps": 1e-6, "scaling": "default", "factor": 1.0,
              "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192},

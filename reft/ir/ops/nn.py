@@ -27,7 +27,7 @@ def _embedding_ref(xs, a):
     return [rows.astype(np_dtype(a["dtype"]))]
 
 
-op("embedding", infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dtype",),
+op("embedding", quantized_input=1, infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dtype",),
    doc="Gather rows of a [V, D] table; the result is converted to `dtype`.")
 
 
@@ -53,7 +53,7 @@ def _linear_ref(xs, a):
     return [y.astype(x.dtype)]
 
 
-op("linear", infer=_linear_infer, ref=_linear_ref, arity=(2, 3), traits={CONTRACTION},
+op("linear", quantized_input=1, infer=_linear_infer, ref=_linear_ref, arity=(2, 3), traits={CONTRACTION},
    doc="x @ w.T (+ b); w is [out, in] as Hugging Face stores it.")
 
 

@@ -4,6 +4,9 @@ Each `OpDef` holds everything the compiler knows about an op:
   infer   shape/dtype rule: (input types, attrs) -> output types; raises TypeError on misuse
   ref     numpy reference semantics: (input arrays, attrs) -> output arrays (the oracle)
   vjp     gradient rule for autodiff (filled in by the training work; None = not differentiable yet)
+  quantized_input  the input that may carry a quantized weight matrix (verify, compiler, backends read it)
+  aliases          output index -> input index whose buffer it reuses (memory planning)
+  reference_only   no generated-code backend lowers the op, by design (tests check every other op is lowered)
   traits  op families the passes read (see TRAITS)
   attrs   required attribute names; `defaults` the optional ones with their default values
 """
@@ -41,6 +44,9 @@ class OpDef:
     defaults: dict[str, Any] = field(default_factory=dict)
     vjp: Callable | None = None
     doc: str = ""
+    quantized_input: int | None = None           # the input that may carry a (quantized) weight matrix
+    aliases: dict[int, int] = field(default_factory=dict)   # output index -> input whose buffer it reuses
+    reference_only: bool = False                 # no generated-code backend lowers it (by design)
 
     def full_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return {**self.defaults, **attrs}
@@ -50,7 +56,8 @@ REGISTRY: dict[str, OpDef] = {}
 
 
 def op(name: str, *, infer: InferFn, ref: RefFn | None, arity, traits=(), attrs=(),
-       defaults=None, doc: str = "") -> OpDef:
+       defaults=None, doc: str = "", vjp: Callable | None = None, quantized_input: int | None = None,
+       aliases: dict[int, int] | None = None, reference_only: bool = False) -> OpDef:
     """Register an op once; every fact about it is given here."""
     if name in REGISTRY:
         raise ValueError(f"op {name} registered twice")
@@ -58,7 +65,8 @@ def op(name: str, *, infer: InferFn, ref: RefFn | None, arity, traits=(), attrs=
     if bad:
         raise ValueError(f"unknown traits {bad}")
     ar = (arity, arity) if isinstance(arity, int) else tuple(arity)
-    d = OpDef(name, infer, ref, ar, frozenset(traits), tuple(attrs), dict(defaults or {}), None, doc)
+    d = OpDef(name, infer, ref, ar, frozenset(traits), tuple(attrs), dict(defaults or {}), vjp, doc,
+              quantized_input, dict(aliases or {}), reference_only)
     REGISTRY[name] = d
     return d
 
@@ -111,8 +119,18 @@ def is_weight(t: TensorType) -> bool:
     return is_float(t) or t.dtype in QUANT_DTYPES
 
 
-# op -> index of the input that may be a quantized weight (verify rejects quantized values elsewhere)
-QUANTIZED_WEIGHT_INPUT = {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
+def quantized_weight_inputs() -> dict[str, int]:
+    """op -> index of the input that may be a quantized weight (verify rejects quantized values
+    elsewhere); read from each OpDef's `quantized_input`."""
+    return {n: d.quantized_input for n, d in REGISTRY.items() if d.quantized_input is not None}
+
+
+def aliases(op: str) -> dict[int, int]:
+    """Output index -> input index whose buffer the output reuses (views, in-place writes)."""
+    return get(op).aliases
+
+
+
 
 
 def broadcast_shapes(op: str, a, b):

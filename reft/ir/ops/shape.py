@@ -33,7 +33,7 @@ def _reshape_ref(xs, a):
     return [x.reshape(tuple(known.get(d, d) for d in a["shape"]))]
 
 
-op("reshape", infer=_reshape_infer, ref=_reshape_ref, arity=1, traits={VIEW}, attrs=("shape",),
+op("reshape", aliases={0: 0}, infer=_reshape_infer, ref=_reshape_ref, arity=1, traits={VIEW}, attrs=("shape",),
    doc="Same elements in row-major order, new shape (static dims and the same symbols).")
 
 

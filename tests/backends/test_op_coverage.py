@@ -1,0 +1,19 @@
+"""Every registered op has a cpu lowering, or its OpDef says it is reference-only; and the op facts the
+passes and backends read live in the OpDefs."""
+from reft.backends.cpu.lower import EMITTERS, PACKED_READERS, lowers
+from reft.ir import ops
+from reft.ir.ops.registry import quantized_weight_inputs
+
+
+def test_every_op_is_lowered_by_the_cpu_backend_or_reference_only():
+    missing = [n for n, d in ops.REGISTRY.items() if not d.reference_only and not lowers(n)]
+    assert not missing, f"ops without a cpu lowering (lower it, or register it with reference_only=True): {missing}"
+    assert set(EMITTERS) <= set(ops.REGISTRY), "an emitter for an op that is not registered"
+
+
+def test_op_facts_live_in_the_registry():
+    assert quantized_weight_inputs() == {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
+    assert PACKED_READERS == quantized_weight_inputs()
+    assert ops.get("reshape").aliases == {0: 0}
+    assert ops.get("kv_cache_write").aliases == {0: 0, 1: 1}
+    assert ops.get("add").vjp is None   # the slot exists; the training work fills it in
