@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from server_util import CHAT_TEMPLATE, Server
 
+from reft.runtime.engine import Engine
+
 
 @pytest.fixture(scope="session")
 def chat_template_file(tmp_path_factory):
@@ -20,3 +22,15 @@ def server(stories_plan, chat_template_file, tmp_path_factory):
                "--max-num-seqs", "16", "--model-name", "stories")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client against the shared server."""
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def engine(stories_plan):
+    """The stories260K plan in-process: the oracle the served results are compared with."""
+    return Engine.load(stories_plan)

@@ -9,20 +9,9 @@ import pytest
 
 from hf_tiny import hf_logits, make_model
 from reft.compiler import compile_model
-from reft.runtime.engine import Engine
 from server_util import Server
 
 PROMPT = "Once upon a time there was a little dog"
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def engine(stories_plan):
-    return Engine.load(stories_plan)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

@@ -8,22 +8,11 @@ import httpx
 import numpy as np
 import pytest
 
-from reft.runtime.engine import Engine
 from reft.runtime.generate import GenerationRequest, generate
 from reft.runtime.sampler import SamplingParams
 
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "Once upon a time"}]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def engine(stories_plan):
-    return Engine.load(stories_plan)
 
 
 def test_models_and_health(server, client):

@@ -17,7 +17,7 @@ import jinja2
 from ... import __version__, settings
 from ...errors import ReftError
 from .lower import Lowered
-from .targets import check_target, compile_flags, compiler_prefix, get as get_target, host_target  # noqa: F401
+from .targets import compile_flags, compiler_prefix, get as get_target
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]

@@ -347,7 +347,7 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
             if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
             QF<QT>::codes(wr, j, b);
-            b.s0 = s0; b.s1 = s1; b.m = m;
+            const vf sv = two_scales<QT> && NSV == 1 ? pair_scales(0, s0, s1) : vset(s0);   // per lane of a pair sum
             for (int t = 0; t < TB; t++) {
                 const int16_t* xq = qx + t * K + 32 * j;
                 const float d = dx[t * NB + j];
@@ -356,18 +356,17 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
                 if constexpr (!two_scales<QT> || NSV == 1) {
                     vi p = vmadd16(b.q[0], vld<vs>(xq));
                     for (int i = 1; i < NSV; i++) p += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
-                    const vf sd = two_scales<QT> ? pair_scales(0, b.s0 * d, b.s1 * d) : vset(b.s0 * d);
-                    acc[t][a] = vfma(__builtin_convertvector(p, vf), sd, acc[t][a]);
+                    acc[t][a] = vfma(__builtin_convertvector(p, vf), sv * d, acc[t][a]);
                 } else {
                     vi p0 = vmadd16(b.q[0], vld<vs>(xq)), p1 = vmadd16(b.q[NSV / 2], vld<vs>(xq + NSV / 2 * 2 * VW));
                     for (int i = 1; i < NSV / 2; i++) {
                         p0 += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
                         p1 += vmadd16(b.q[NSV / 2 + i], vld<vs>(xq + (NSV / 2 + i) * 2 * VW));
                     }
-                    acc[t][a] = vfma(__builtin_convertvector(p0, vf), vset(b.s0 * d), acc[t][a]);
-                    acc[t][a] = vfma(__builtin_convertvector(p1, vf), vset(b.s1 * d), acc[t][a]);
+                    acc[t][a] = vfma(__builtin_convertvector(p0, vf), vset(s0 * d), acc[t][a]);
+                    acc[t][a] = vfma(__builtin_convertvector(p1, vf), vset(s1 * d), acc[t][a]);
                 }
-                if constexpr (QF<QT>::MIN) mo[t][a] += b.m * xs[t * NB + j];
+                if constexpr (QF<QT>::MIN) mo[t][a] += m * xs[t * NB + j];
             }
         };
         // the header of each group of SUB blocks once, then its blocks (two groups at a time when SUB = 1)

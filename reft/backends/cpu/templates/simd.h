@@ -26,13 +26,10 @@
 typedef float vf __attribute__((vector_size(VW * 4)));           // VW float32
 typedef int32_t vi __attribute__((vector_size(VW * 4)));         // VW int32
 typedef int16_t vs __attribute__((vector_size(VW * 4)));         // 2 VW int16
-typedef int8_t vs8 __attribute__((vector_size(VW * 2)));         // 2 VW int8 (widened to vs)
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));        // VW 16-bit floats as bits
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x32 __attribute__((vector_size(32)));
-typedef int8_t i8x32 __attribute__((vector_size(32)));
 
 template <typename V, typename P> static inline V vld(const P* p) { V v; memcpy(&v, p, sizeof v); return v; }
 template <typename V, typename P> static inline void vst(P* p, V v) { memcpy(p, &v, sizeof v); }
@@ -124,18 +121,6 @@ static inline vi vmadd16(vs a, vs b) {
     return r;
 #endif
 }
-// 2 VW int8 codes widened to int16
-static inline vs vwiden8(const int8_t* p) {
-#if defined(__AVX512BW__)
-    return (vs)_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
-#elif defined(__AVX2__)
-    return (vs)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
-#elif defined(__aarch64__)
-    return (vs)vmovl_s8(vld1_s8(p));
-#else
-    return __builtin_convertvector(vld<vs8>(p), vs);
-#endif
-}
 // 16 bytes widened to 16 int16 lanes (zero- or sign-extended)
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef int16_t i16x8 __attribute__((vector_size(16)));
@@ -176,21 +161,6 @@ static inline void vwiden16(vs x, vf& lo, vf& hi) {
     hi = vcvtq_f32_s32(vmovl_high_s16((int16x8_t)x));
 #else
     for (int i = 0; i < VW; i++) { lo[i] = (float)x[i]; hi[i] = (float)x[VW + i]; }
-#endif
-}
-// VW int8 codes as float32
-typedef int8_t i8xw __attribute__((vector_size(VW)));
-static inline vf vcodes(const int8_t* p) {
-#if defined(__AVX512F__)
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-#elif defined(__aarch64__)
-    int32_t w;
-    memcpy(&w, p, 4);
-    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))))));
-#else
-    return __builtin_convertvector(vld<i8xw>(p), vf);
 #endif
 }
 
