@@ -347,6 +347,30 @@ def _qkv_rope(draw, tokens=dims):
     return "qkv_rope", xs, attrs
 
 
+# -- optimizer ---------------------------------------------------------------------------
+
+@st.composite
+def _grad_norm_sq(draw):
+    rng = _rng(draw)
+    return "grad_norm_sq", [rand(rng, draw(shapes(1, 3)), "float32") for _ in range(draw(st.integers(1, 4)))], {}
+
+
+@st.composite
+def _adamw_update(draw):
+    rng = _rng(draw)
+    s = draw(shapes(1, 3))
+    xs = [rand(rng, s, "float32"), rand(rng, s, "float32"), rand(rng, s, "float32", -0.1, 0.1),
+          rand(rng, s, "float32", 0, 0.01), np.array(draw(st.sampled_from([1e-4, 3e-3, 0.1])), np.float32),
+          np.array(draw(st.integers(1, 1000)), np.int32)]
+    max_norm = draw(st.sampled_from([0.0, 0.5, 100.0]))
+    if max_norm:
+        xs.append(np.array(float((xs[1].astype(np.float64) ** 2).sum()) * 3, np.float32))   # as if other grads added
+    attrs = dict(beta1=draw(st.sampled_from([0.9, 0.8])), beta2=draw(st.sampled_from([0.999, 0.95])),
+                 eps=draw(st.sampled_from([1e-8, 1e-6])), weight_decay=draw(st.sampled_from([0.0, 0.1])),
+                 max_norm=max_norm)
+    return "adamw_update", xs, attrs
+
+
 OP_CASES: dict[str, st.SearchStrategy] = {
     "add_rms_norm": _add_rms_norm(),
     "linear_glu": _linear_glu(),
@@ -369,6 +393,8 @@ OP_CASES: dict[str, st.SearchStrategy] = {
     "causal_attention": _causal_attention(),
     "kv_cache_write": _kv_cache_write(),
     "paged_attention": _paged_attention(),
+    "grad_norm_sq": _grad_norm_sq(),
+    "adamw_update": _adamw_update(),
 }
 
 
@@ -434,6 +460,8 @@ SYMBOLIC_AXES = {
     "add_rms_norm": lambda xs, a: [{0: "T"} if xs[0].ndim >= 2 else {}] * 2 + [{}],
     "linear_glu": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
     "qkv_rope": lambda xs, a: [_T, {}] + [{}] * a["bias"] + [_T] + [{}] * (2 * a["qk_norm"]),
+    "grad_norm_sq": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
+    "adamw_update": lambda xs, a: [_T] * 4 + [{}] * (len(xs) - 4),
 }
 
 
@@ -631,3 +659,10 @@ def _fit_batch(draw, T: int):
 
 __all__ = ["OP_CASES", "op_cases", "symbolize", "input_types", "random_graphs", "token_batch",
            "page_layout", "fill_cache", "heads", "rand", "rope_attrs"]
+
+# -- backward and loss ops: their cases live in tests/strategies_grad.py, merged into the tables above
+from strategies_grad import AWAITING_CPU_KERNELS, GRAD_OP_CASES, GRAD_SYMBOLIC_AXES  # noqa: E402
+
+OP_CASES.update(GRAD_OP_CASES)
+SYMBOLIC_AXES.update(GRAD_SYMBOLIC_AXES)
+__all__ += ["AWAITING_CPU_KERNELS"]

@@ -112,11 +112,21 @@ class Tokenizer:
         batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)   # _fast (no offsets): >= 0.21
         return batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def encode_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's [start, end) character span in `text` (training masks)."""
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = list(ids)
         if len(ids) < self.LONG:
             return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` tokenizer itself (the grammar engine reads its vocabulary and decoder)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:

@@ -18,9 +18,10 @@ from .types import Shape, TensorType
 
 
 class GraphBuilder:
-    def __init__(self, name: str = "forward"):
-        self.graph = Graph(name)
-        self._params: dict[str, Value] = {}
+    def __init__(self, name: str = "forward", graph: Graph | None = None):
+        """A new graph, or one to append to (passes emitting nodes, e.g. autodiff)."""
+        self.graph = graph if graph is not None else Graph(name)
+        self._params: dict[str, Value] = {n.name: n.out for n in self.graph.params()}
 
     def input(self, name: str, shape: Shape, dtype: str) -> Value:
         n = Node("input", [], {"name": name}, [TensorType(tuple(shape), dtype)])

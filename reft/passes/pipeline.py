@@ -2,7 +2,9 @@
 after each of these as NNN_<name>.ir."""
 from __future__ import annotations
 
+from .attach_loss import attach_loss
 from .cast_weights import cast_weights
+from .differentiate import differentiate
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_code import eliminate_dead_code
 from .fuse_add_rms_norm import fuse_add_rms_norm
@@ -38,3 +40,13 @@ CODEGEN: list[tuple[str, PassFn]] = [
     ("plan_memory", plan_memory_pass),
 ]
 
+# -- training: forward + loss + backward (reft.passes.differentiate.build_train_graph). No weight
+#    transforms (gradients keep the checkpoint's parameter names), no quantization, no paged KV;
+#    CSE only before autodiff (it would merge recomputed layers back into the forward)
+TRAIN: list[tuple[str, PassFn]] = [
+    ("eliminate_dead_code", eliminate_dead_code),
+    ("eliminate_common_subexpressions", eliminate_common_subexpressions),
+    ("attach_loss", attach_loss),                    # logits of chosen rows -> chunked cross-entropy over all rows
+    ("differentiate", differentiate),                # options: trainable, gradient_checkpointing
+    ("eliminate_dead_code", eliminate_dead_code),
+]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from strategies import OP_CASES, matmul_cases
+from strategies import AWAITING_CPU_KERNELS, OP_CASES, matmul_cases
 from test_cpu_ops import as_f32, build, check_against_reference, check_rows_do_not_depend_on_the_batch, uses_uint8
 from test_cpu_quant import build as build_quantized, check_step
 
@@ -53,7 +53,7 @@ def lowers(case) -> bool:
 @given(data=st.data())
 def test_neon_ops_match_reference(data):
     """Two cases of every op in one graph."""
-    cases = [data.draw(OP_CASES[op]) for op in sorted(OP_CASES) for _ in range(2)]
+    cases = [data.draw(OP_CASES[op]) for op in sorted(set(OP_CASES) - AWAITING_CPU_KERNELS) for _ in range(2)]
     cases = [(o, as_f32(o, xs), a) for o, xs, a in cases if not uses_uint8(xs, a)]   # no uint8 kernels
     check_against_reference([c for c in cases if lowers(c)], target=TARGET, compile=compile_graph_cross)
 

@@ -20,7 +20,8 @@ from .lower import Lowered
 from .targets import compile_flags, compiler_prefix, get as get_target
 
 TEMPLATES = Path(__file__).parent / "templates"
-HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h"]
+HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h",
+           "optim.h"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
 
 

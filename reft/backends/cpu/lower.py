@@ -28,6 +28,7 @@ RB = 8                  # rows of a packed weight block (templates/linear.h)
 # input the op registry says may carry a weight matrix: OpDef.quantized_input)
 PACKED_READERS = ops.registry.quantized_weight_inputs()
 PACKED = "rows8x16"
+NORM_BLOCK = 8192       # values per block of the gradient-norm sum (templates/optim.h)
 ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position")
 
@@ -292,6 +293,33 @@ class Lowering:
         self.emit("k_causal_attention", [ct(q.dtype), ct(pos.dtype), q.shape[1], k.shape[1], q.shape[2]],
                   [self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(pos), self.ptr(sid), expr(q.shape[:1]),
                    f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out)])
+
+    def op_grad_norm_sq(self, n: Node):
+        """Two calls (templates/optim.h): per-block sums into thread 0's scratch, then their fold."""
+        sizes = [self.bound_numel(n, g) for g in n.inputs]
+        self.need_scratch(sum(-(-s // NORM_BLOCK) for s in sizes))
+        tag = len(self.calls)
+        decls = [f"const float* const gp{tag}[] = {{{', '.join(self.ptr(g) for g in n.inputs)}}};",
+                 _array(f"gn{tag}", [expr(g.shape) for g in n.inputs])]
+        nt = len(n.inputs)
+        self.emit("k_grad_norm_blocks", [], [f"gp{tag}", f"gn{tag}", nt, "scratch"], decls, "block sums")
+        self.emit("k_grad_norm_fold", [], ["scratch", f"gn{tag}", nt, self.out(n.out)], decls[1:], "fold")
+
+    def bound_numel(self, n: Node, v: Value) -> int:
+        """Elements of v at the largest batch (T and R bound to max_tokens)."""
+        if any(isinstance(d, str) and d not in ("T", "R") for d in v.shape):
+            raise Unsupported(f"cpu backend: {n.op} needs static shapes (or T, R), got {v.type}")
+        return int(np.prod([self.max_tokens if isinstance(d, str) else d for d in v.shape], dtype=np.int64))
+
+    def op_adamw_update(self, n: Node):
+        p, g, m, v, lr, step = n.inputs[:6]
+        a = A(n)
+        clip = a["max_norm"] > 0
+        sumsq = self.ptr(n.inputs[6]) if clip else "(const float*)0"
+        self.emit("k_adamw", [str(clip).lower()],
+                  [self.out(n.outputs[0]), self.ptr(g), self.out(n.outputs[1]), self.out(n.outputs[2]),
+                   expr(p.shape), self.ptr(lr), self.ptr(step), sumsq,
+                   *(float(a[k]).hex() for k in ("beta1", "beta2", "eps", "weight_decay", "max_norm"))])
 
     def _binary(self, n: Node, code: str):
         x, y = n.inputs

@@ -35,12 +35,8 @@ def _check_heads(q: TensorType, kv_heads, kv_dim, name: str):
     check(kv_dim == D, f"{name}: head dim {D} of q does not match {kv_dim} of k/v")
 
 
-def _attend(q, k, v, qpos, kpos, scale, window):
-    """q (Tq, H, D); k, v (L, Hkv, D); qpos (Tq,), kpos (L,) -> (Tq, H, D), float32."""
-    H, Hkv = q.shape[1], k.shape[1]
-    rep = H // Hkv
-    k = np.repeat(k, rep, axis=1)                                   # (L, H, D)
-    v = np.repeat(v, rep, axis=1)
+def _attend_probs(q, k, qpos, kpos, scale, window):
+    """Attention probabilities: q (Tq, H, D), k (L, H, D) (KV heads already repeated) -> (H, Tq, L)."""
     s = np.einsum("thd,lhd->htl", q, k) * np.float32(scale)        # (H, Tq, L)
     mask = kpos[None, :] <= qpos[:, None]
     if window > 0:
@@ -48,8 +44,15 @@ def _attend(q, k, v, qpos, kpos, scale, window):
     s = np.where(mask[None], s, -np.inf)
     s = s - s.max(axis=-1, keepdims=True)
     p = np.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("htl,lhd->thd", p, v)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _attend(q, k, v, qpos, kpos, scale, window):
+    """q (Tq, H, D); k, v (L, Hkv, D); qpos (Tq,), kpos (L,) -> (Tq, H, D), float32."""
+    rep = q.shape[1] // k.shape[1]
+    k = np.repeat(k, rep, axis=1)                                   # (L, H, D)
+    v = np.repeat(v, rep, axis=1)
+    return np.einsum("htl,lhd->thd", _attend_probs(q, k, qpos, kpos, scale, window), v)
 
 
 # -- causal_attention(q, k, v, positions, seq_ids)
@@ -72,7 +75,15 @@ def _causal_ref(xs, a):
     return [out.astype(q.dtype)]
 
 
-op("causal_attention", infer=_causal_infer, ref=_causal_ref, arity=5, attrs=("scale",),
+def _causal_vjp(b, node, cts, wants):
+    q, k, v, pos, sid = node.inputs
+    f = [x if x.dtype == "float32" else b.cast(x, dtype="float32") for x in (cts[0], q, k, v, node.out)]
+    grads = b.causal_attention_grad(*f, pos, sid, **node.attrs)
+    out = [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype) for g, x in zip(grads, (q, k, v))]
+    return [g if w else None for g, w in zip(out, wants[:3])] + [None, None]
+
+
+op("causal_attention", infer=_causal_infer, ref=_causal_ref, vjp=_causal_vjp, arity=5, attrs=("scale",),
    defaults={"sliding_window": 0},
    doc="Causal GQA attention among the rows of the batch, per sequence.")
 

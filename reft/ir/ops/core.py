@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 
-from ..types import DTYPES, TensorType, np_dtype
+from ..types import DTYPES, FLOAT_DTYPES, TensorType, np_dtype
+from .autodiff import f32 as to_f32
+from .autodiff import unbroadcast
 from .registry import ELEMENTWISE, SOURCE, broadcast_shapes, check, f32, is_float, op
 
 # -- sources: their output type is declared on the node; the executor supplies the data.
@@ -31,9 +33,20 @@ def _binary_ref(fn):
     return ref
 
 
-op("add", infer=_binary_infer("add"), ref=_binary_ref(np.add), arity=2, traits={ELEMENTWISE},
+def _add_vjp(b, node, cts, wants):
+    return [unbroadcast(b, cts[0], v.type) if w else None for v, w in zip(node.inputs, wants)]
+
+
+def _mul_vjp(b, node, cts, wants):
+    x, y = node.inputs
+    g = to_f32(b, cts[0])
+    return [unbroadcast(b, b.mul(g, to_f32(b, y)), x.type) if wants[0] else None,
+            unbroadcast(b, b.mul(g, to_f32(b, x)), y.type) if wants[1] else None]
+
+
+op("add", infer=_binary_infer("add"), ref=_binary_ref(np.add), vjp=_add_vjp, arity=2, traits={ELEMENTWISE},
    doc="x + y")
-op("mul", infer=_binary_infer("mul"), ref=_binary_ref(np.multiply), arity=2, traits={ELEMENTWISE},
+op("mul", infer=_binary_infer("mul"), ref=_binary_ref(np.multiply), vjp=_mul_vjp, arity=2, traits={ELEMENTWISE},
    doc="x * y")
 
 
@@ -53,10 +66,18 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _act_vjp(grad_op):
+    def vjp(b, node, cts, wants):
+        x = node.inputs[0]
+        g = b.emit(grad_op, to_f32(b, cts[0]), to_f32(b, x))
+        return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype)]
+    return vjp
+
+
 op("silu", infer=_unary_infer("silu"), ref=lambda xs, a: [_silu(f32(xs[0])).astype(xs[0].dtype)],
-   arity=1, traits={ELEMENTWISE}, doc="x * sigmoid(x)")
+   vjp=_act_vjp("silu_grad"), arity=1, traits={ELEMENTWISE}, doc="x * sigmoid(x)")
 op("gelu_tanh", infer=_unary_infer("gelu_tanh"),
-   ref=lambda xs, a: [_gelu_tanh(f32(xs[0])).astype(xs[0].dtype)],
+   ref=lambda xs, a: [_gelu_tanh(f32(xs[0])).astype(xs[0].dtype)], vjp=_act_vjp("gelu_tanh_grad"),
    arity=1, traits={ELEMENTWISE}, doc="GELU, tanh approximation (HF 'gelu_pytorch_tanh')")
 
 
@@ -65,5 +86,10 @@ def _cast_infer(ts, a):
     return [TensorType(ts[0].shape, a["dtype"])]
 
 
-op("cast", infer=_cast_infer, ref=lambda xs, a: [xs[0].astype(np_dtype(a["dtype"]))],
+def _cast_vjp(b, node, cts, wants):
+    x = node.inputs[0]
+    return [b.cast(cts[0], dtype=x.dtype) if x.dtype in FLOAT_DTYPES else None]
+
+
+op("cast", infer=_cast_infer, ref=lambda xs, a: [xs[0].astype(np_dtype(a["dtype"]))], vjp=_cast_vjp,
    arity=1, traits={ELEMENTWISE}, attrs=("dtype",), doc="Convert to `dtype` (round to nearest).")

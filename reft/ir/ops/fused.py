@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from ..types import TensorType
 from . import registry as R
+from .autodiff import ct_or_zeros, linear_grads
+from .autodiff import f32 as to_f32
 from .core import _gelu_tanh, _silu
-from .nn import _linear_infer, _linear_ref, _rms_norm_ref, _rope_infer, _rope_ref
+from .nn import _linear_infer, _linear_ref, _rms_norm_ref, _rope_infer, _rope_ref, rms_norm_vjp
 from .registry import CONTRACTION, REDUCTION, check, is_float, op
 
 
@@ -29,7 +31,20 @@ def _add_rms_norm_ref(xs, a):
     return [s, _rms_norm_ref([s, xs[2]], a)[0]]
 
 
-op("add_rms_norm", infer=_add_rms_norm_infer, ref=_add_rms_norm_ref, arity=3, traits={REDUCTION},
+def _add_rms_norm_vjp(b, node, cts, wants):
+    x, r, w = node.inputs
+    s = node.outputs[0]
+    ds, dw = (None, None)
+    if cts[1] is not None:
+        ds, dw = rms_norm_vjp(b, cts[1], s, w, node.attrs["eps"], (True, wants[2]))
+    if cts[0] is not None:
+        ds = cts[0] if ds is None else b.add(ds, cts[0])
+    ds = ds if ds is not None else b.zeros_like(s)
+    return [ds if wants[0] else None, ds if wants[1] else None, dw]
+
+
+op("add_rms_norm", infer=_add_rms_norm_infer, ref=_add_rms_norm_ref, vjp=_add_rms_norm_vjp, arity=3,
+   traits={REDUCTION},
    attrs=("eps",), doc="Residual add fused with the RMSNorm that follows it; returns (sum, normed).")
 
 
@@ -52,7 +67,17 @@ def _glu_ref(xs, a):
     return [R.get("mul").ref([g, y[..., f:]], {})[0]]
 
 
-op("linear_glu", quantized_input=1, infer=_glu_infer, ref=_glu_ref, arity=(2, 3), traits={CONTRACTION}, attrs=("act",),
+def _glu_vjp(b, node, cts, wants):
+    """Recomputes the projection (gate, up) before the activation: one more matmul."""
+    x, w = node.inputs[:2]
+    bias = node.inputs[2] if len(node.inputs) == 3 else None
+    y = b.linear(to_f32(b, x), w, *([bias] if bias is not None else []))
+    dy = b.glu_grad(to_f32(b, cts[0]), to_f32(b, y), act=node.attrs["act"])
+    return linear_grads(b, dy, x, w, bias, wants)
+
+
+op("linear_glu", quantized_input=1, infer=_glu_infer, ref=_glu_ref, vjp=_glu_vjp, arity=(2, 3),
+   traits={CONTRACTION}, attrs=("act",),
    doc="Gate/up projection with the gated activation in its epilogue: act(x W_g^T) * (x W_u^T).")
 
 
@@ -101,7 +126,32 @@ def _qkv_ref(xs, a):
     return [_rope_ref([q, pos], ra)[0], _rope_ref([k, pos], ra)[0], v]
 
 
-op("qkv_rope", quantized_input=1, infer=_qkv_infer, ref=_qkv_ref, arity=(3, 6), traits={CONTRACTION},
+def _qkv_vjp(b, node, cts, wants):
+    """Inverse rotation of dq and dk, the q/k RMSNorm backward (recomputing the projection only
+    then), and the projection's gradients from the concatenated [dq, dk, dv]."""
+    a = R.get("qkv_rope").full_attrs(node.attrs)
+    x, w, bias, pos, norms = _unpack(node.inputs, a)
+    H, Hkv, D = a["heads"], a["kv_heads"], a["head_dim"]
+    T = x.shape[0]
+    dq, dk, dv = (to_f32(b, ct_or_zeros(b, cts, node, i)) for i in range(3))
+    ra = _rope_attrs(a)
+    dq, dk = b.rope_grad(dq, pos, **ra), b.rope_grad(dk, pos, **ra)
+    i_norm = 3 + bool(a["bias"])
+    dnorms = [None, None]
+    if norms:
+        y = b.linear(to_f32(b, x), w, *([bias] if bias is not None else []))
+        yq, yk, _ = b.split(y, axis=1, sizes=(H * D, Hkv * D, Hkv * D))
+        q0, k0 = b.reshape(yq, shape=(T, H, D)), b.reshape(yk, shape=(T, Hkv, D))
+        nw = (True, wants[i_norm])
+        dq, dnorms[0] = rms_norm_vjp(b, dq, q0, norms[0], a["eps"], nw)
+        dk, dnorms[1] = rms_norm_vjp(b, dk, k0, norms[1], a["eps"], (True, wants[i_norm + 1]))
+    dy = b.concat(b.reshape(dq, shape=(T, H * D)), b.reshape(dk, shape=(T, Hkv * D)),
+                  b.reshape(dv, shape=(T, Hkv * D)), axis=1)                  # (T, (H + 2 Hkv) D)
+    grads = linear_grads(b, dy, x, w, bias, wants[:3 if bias is not None else 2])
+    return grads[:2] + ([grads[2]] if bias is not None else []) + [None] + (dnorms if norms else [])
+
+
+op("qkv_rope", quantized_input=1, infer=_qkv_infer, ref=_qkv_ref, vjp=_qkv_vjp, arity=(3, 6), traits={CONTRACTION},
    attrs=("heads", "kv_heads", "head_dim", "theta", "rotary_dim"),
    defaults={"bias": False, "qk_norm": False, "eps": 1e-6, "scaling": "default", "factor": 1.0,
              "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192},

@@ -7,6 +7,8 @@ import numpy as np
 
 from ..types import FLOAT_DTYPES, TensorType, np_dtype
 from ..quantized import QTensor, quantize_activations
+from .autodiff import f32 as to_f32
+from .autodiff import linear_grads
 from .registry import CONTRACTION, REDUCTION, check, f32, is_float, is_weight, op
 
 
@@ -27,7 +29,16 @@ def _embedding_ref(xs, a):
     return [rows.astype(np_dtype(a["dtype"]))]
 
 
-op("embedding", quantized_input=1, infer=_embedding_infer, ref=_embedding_ref, arity=2, attrs=("dtype",),
+def _embedding_vjp(b, node, cts, wants):
+    ids, table = node.inputs
+    if table.type.quantized:
+        raise TypeError(f"embedding: cannot differentiate with respect to a quantized table {table.type}")
+    g = cts[0] if cts[0].dtype == table.dtype else b.cast(cts[0], dtype=table.dtype)
+    return [None, b.scatter_rows(b.zeros_like(table), ids, g)]     # rows of the table, summed per id
+
+
+op("embedding", quantized_input=1, infer=_embedding_infer, ref=_embedding_ref, vjp=_embedding_vjp, arity=2,
+   attrs=("dtype",),
    doc="Gather rows of a [V, D] table; the result is converted to `dtype`.")
 
 
@@ -53,7 +64,14 @@ def _linear_ref(xs, a):
     return [y.astype(x.dtype)]
 
 
-op("linear", quantized_input=1, infer=_linear_infer, ref=_linear_ref, arity=(2, 3), traits={CONTRACTION},
+def _linear_vjp(b, node, cts, wants):
+    x, w = node.inputs[:2]
+    bias = node.inputs[2] if len(node.inputs) == 3 else None
+    return linear_grads(b, to_f32(b, cts[0]), x, w, bias, wants)
+
+
+op("linear", quantized_input=1, infer=_linear_infer, ref=_linear_ref, vjp=_linear_vjp, arity=(2, 3),
+   traits={CONTRACTION},
    doc="x @ w.T (+ b); w is [out, in] as Hugging Face stores it.")
 
 
@@ -71,7 +89,15 @@ def _rms_norm_ref(xs, a):
     return [(x * inv.astype(np.float32) * w).astype(xs[0].dtype)]
 
 
+def rms_norm_vjp(b, g, x, w, eps, wants):
+    """[dx, dw] of rms_norm(x, w) given g = dL/dy, in x's and w's dtypes."""
+    dx, dw = b.rms_norm_grad(to_f32(b, g), to_f32(b, x), w, eps=eps)
+    return [(dx if x.dtype == "float32" else b.cast(dx, dtype=x.dtype)) if wants[0] else None,
+            (dw if w.dtype == "float32" else b.cast(dw, dtype=w.dtype)) if wants[1] else None]
+
+
 op("rms_norm", infer=_rms_norm_infer, ref=_rms_norm_ref, arity=2, traits={REDUCTION}, attrs=("eps",),
+   vjp=lambda b, node, cts, wants: rms_norm_vjp(b, cts[0], *node.inputs, node.attrs["eps"], wants),
    doc="x / sqrt(mean(x^2) + eps) * w over the last axis.")
 
 
@@ -82,8 +108,14 @@ def _softmax_ref(xs, a):
     return [(e / e.sum(axis=-1, keepdims=True)).astype(xs[0].dtype)]
 
 
+def _softmax_vjp(b, node, cts, wants):
+    x = node.inputs[0]
+    g = b.softmax_grad(to_f32(b, cts[0]), to_f32(b, node.out))
+    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype)]
+
+
 op("softmax", infer=lambda ts, a: (check(is_float(ts[0]), "softmax: float input required"), [ts[0]])[1],
-   ref=_softmax_ref, arity=1, traits={REDUCTION}, doc="Softmax over the last axis.")
+   ref=_softmax_ref, vjp=_softmax_vjp, arity=1, traits={REDUCTION}, doc="Softmax over the last axis.")
 
 
 # -- rope(x[T, H, D], positions[T]) rotary embedding, "rotate half" layout (Hugging Face)
@@ -120,20 +152,32 @@ def _rope_infer(ts, a):
     return [x]
 
 
-def _rope_ref(xs, a):
-    x, pos = f32(xs[0]), xs[1]
+def rope_rotate(x, pos, a: dict, sign: float = 1.0) -> np.ndarray:
+    """Rotate each pair (j, j + r/2) of the first r = rotary_dim dims by sign * angle (x: (T, H, D));
+    sign -1 is the inverse rotation (rope_grad)."""
+    x = f32(x)
     r = a["rotary_dim"]
     freqs = pos.astype(np.float32)[:, None] * rope_inv_freq(a)[None, :]      # (T, r/2)
     emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, r)
-    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]                # (T, 1, r)
+    cos, sin = np.cos(emb)[:, None, :], np.float32(sign) * np.sin(emb)[:, None, :]   # (T, 1, r)
     xr = x[..., :r]
     rot = np.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], axis=-1)
     out = x.copy()
     out[..., :r] = xr * cos + rot * sin
-    return [out.astype(xs[0].dtype)]
+    return out
 
 
-op("rope", infer=_rope_infer, ref=_rope_ref, arity=2,
+def _rope_ref(xs, a):
+    return [rope_rotate(xs[0], xs[1], a).astype(xs[0].dtype)]
+
+
+def _rope_vjp(b, node, cts, wants):
+    x, pos = node.inputs
+    g = b.rope_grad(to_f32(b, cts[0]), pos, **node.attrs)
+    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype), None]
+
+
+op("rope", infer=_rope_infer, ref=_rope_ref, vjp=_rope_vjp, arity=2,
    attrs=("theta", "rotary_dim"),
    defaults={"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position": 8192},

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType, dims_product
+from .autodiff import ct_or_zeros
 from .registry import VIEW, check, op
 
 
@@ -33,7 +34,8 @@ def _reshape_ref(xs, a):
     return [x.reshape(tuple(known.get(d, d) for d in a["shape"]))]
 
 
-op("reshape", aliases={0: 0}, infer=_reshape_infer, ref=_reshape_ref, arity=1, traits={VIEW}, attrs=("shape",),
+op("reshape", aliases={0: 0}, infer=_reshape_infer, ref=_reshape_ref, arity=1,
+   vjp=lambda b, node, cts, wants: [b.reshape(cts[0], shape=node.inputs[0].shape)], traits={VIEW}, attrs=("shape",),
    doc="Same elements in row-major order, new shape (static dims and the same symbols).")
 
 
@@ -43,8 +45,13 @@ def _transpose_infer(ts, a):
     return [TensorType(tuple(x.shape[p] for p in perm), x.dtype)]
 
 
+def _transpose_vjp(b, node, cts, wants):
+    inverse = tuple(int(i) for i in np.argsort(node.attrs["perm"]))
+    return [b.transpose(cts[0], perm=inverse)]
+
+
 op("transpose", infer=_transpose_infer, ref=lambda xs, a: [np.ascontiguousarray(xs[0].transpose(a["perm"]))],
-   arity=1, traits={VIEW}, attrs=("perm",), doc="Permute axes.")
+   vjp=_transpose_vjp, arity=1, traits={VIEW}, attrs=("perm",), doc="Permute axes.")
 
 
 def _split_infer(ts, a):
@@ -62,7 +69,12 @@ def _split_ref(xs, a):
     return [np.ascontiguousarray(p) for p in np.split(x, np.cumsum(a["sizes"])[:-1], axis=ax)]
 
 
-op("split", infer=_split_infer, ref=_split_ref, arity=1, traits={VIEW}, attrs=("axis", "sizes"),
+def _split_vjp(b, node, cts, wants):
+    parts = [ct_or_zeros(b, cts, node, i) for i in range(len(node.outputs))]
+    return [b.concat(*parts, axis=node.attrs["axis"])]
+
+
+op("split", infer=_split_infer, ref=_split_ref, vjp=_split_vjp, arity=1, traits={VIEW}, attrs=("axis", "sizes"),
    doc="Split a static axis into consecutive parts of the given sizes (one output each).")
 
 
@@ -78,7 +90,14 @@ def _concat_infer(ts, a):
     return [TensorType(x.shape[:ax] + (total,) + x.shape[ax + 1:], x.dtype)]
 
 
-op("concat", infer=_concat_infer, ref=lambda xs, a: [np.concatenate(xs, axis=a["axis"])],
+def _concat_vjp(b, node, cts, wants):
+    ax = node.attrs["axis"] % node.out.type.rank
+    parts = b.split(cts[0], axis=ax, sizes=tuple(v.shape[ax] for v in node.inputs))
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if w else None for p, w in zip(parts, wants)]
+
+
+op("concat", infer=_concat_infer, ref=lambda xs, a: [np.concatenate(xs, axis=a["axis"])], vjp=_concat_vjp,
    arity=(1, 1 << 16), traits={VIEW}, attrs=("axis",), doc="Concatenate along a static axis.")
 
 
@@ -96,5 +115,10 @@ def _take_rows_ref(xs, a):
     return [x[rows]]
 
 
-op("take_rows", infer=_take_rows_infer, ref=_take_rows_ref, arity=2, traits={VIEW},
+def _take_rows_vjp(b, node, cts, wants):
+    x, rows = node.inputs
+    return [b.scatter_rows(b.zeros_like(x), rows, cts[0]), None]
+
+
+op("take_rows", infer=_take_rows_infer, ref=_take_rows_ref, vjp=_take_rows_vjp, arity=2, traits={VIEW},
    doc="x[rows]: select rows of the first axis (logits only for the rows the caller asks for).")

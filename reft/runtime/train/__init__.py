@@ -1,0 +1,11 @@
+"""What `reft train` needs besides the compiled train_step entry point.
+
+  schedule.py      LRSchedule(kind, peak_lr, total_steps, warmup_steps, decay_frac): lr per step
+  records.py       dataset files -> records named by file:line (DatasetError, --skip-bad-lines)
+  sft.py           alpaca / messages records -> chat-template rendering with assistant-only loss
+  data.py          load_datasets(["text@...", "alpaca@...", ...], tokenizer, ...) -> Dataset (examples, stats)
+  loader.py        Loader: seeded, resumable order of micro-batches (Batch: input_ids, positions,
+                   seq_ids, targets), split_eval
+  checkpoint.py    HF-layout model folders, trainer state, CheckpointDir (atomic saves, save_total_limit)
+  lora_adapter.py  PEFT LoRA adapters: write, read, merge
+"""
