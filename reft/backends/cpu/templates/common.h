@@ -36,7 +36,7 @@ template <> inline int64_t st<int64_t>(float f) { return (int64_t)f; }
 template <typename T> struct is_quant { static constexpr bool value = false; };
 template <typename QT>
 static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* W, int64_t r0, int64_t r1, float* y,
-                         int64_t ldy, float* scratch);
+                         int64_t ldy, float* scratch, bool ready);
 template <typename QT, typename OT> static void qembedding_row(const QT* table, int64_t v, int64_t D, OT* out);
 
 // [lo, hi) of `n` items for thread ith of nth, in multiples of `quantum` items

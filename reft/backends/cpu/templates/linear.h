@@ -158,12 +158,14 @@ static const float* rows_f32(const WT* W, int64_t K, int64_t r0, int64_t n, floa
     return buf;
 }
 
-// y[:, 0 : r1 - r0] = x . W[r0:r1]^T, by GEMV or by chunked GEMM
+// y[:, 0 : r1 - r0] = x . W[r0:r1]^T, by GEMV or by chunked GEMM. `ready`: an earlier call of the
+// same kernel with the same x and scratch has already prepared x (quantized weights round the
+// activations once per kernel call, not once per chunk of rows)
 template <typename WT>
 static void matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
-                        int64_t ldy, float* scratch) {
+                        int64_t ldy, float* scratch, bool ready = false) {
     if constexpr (is_quant<WT>::value) {   // block-quantized weights: quant.h
-        qmatmul_rows<WT>(x, T, K, W, r0, r1, y, ldy, scratch);
+        qmatmul_rows<WT>(x, T, K, W, r0, r1, y, ldy, scratch, ready);
     } else {
         if (T <= GEMV_MAX_T) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
         for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
@@ -191,6 +193,30 @@ static inline float act_gelu_tanh(float g) {
     return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
+// y[0:n] = act(g + bg) * (u + bu), VW values at a time with e^x from vexp; the last vector is
+// partial, so every value goes through the same code whatever n is (a value never depends on the
+// chunk it fell in). act: silu g / (1 + e^-g); gelu_tanh 0.5 g (1 + tanh z), tanh z = 1 - 2 / (e^2z + 1)
+template <int ACT>
+static inline void glu_apply(const float* g, const float* u, const float* bg, const float* bu, int64_t n, float* y) {
+    for (int64_t j = 0; j < n; j += VW) {
+        const int64_t m = n - j < VW ? n - j : VW;
+        vf gv = vload_part(g + j, m), uv = vload_part(u + j, m);
+        if (bg) {
+            gv += vload_part(bg + j, m);
+            uv += vload_part(bu + j, m);
+        }
+        vf a;
+        if constexpr (ACT == 0) {
+            a = gv / (vexp(-gv) + 1.f);
+        } else {
+            const vf z = gv * (vfma(gv * gv, vset(0.044715f), vset(1.f)) * 0.7978845608028654f);
+            a = gv * 0.5f * (2.f - 2.f / (vexp(z + z) + 1.f));
+        }
+        const vf r = a * uv;
+        memcpy(y + j, &r, m * sizeof(float));
+    }
+}
+
 // y[T, F] = act(x Wg^T + bg) * (x Wu^T + bu), W = [Wg; Wu] ([2F, K])
 template <typename WT, int64_t K, int64_t F, int ACT>
 static void k_linear_glu(int ith, int nth, const float* x, int64_t T, const WT* W, const float* b, float* y,
@@ -203,12 +229,9 @@ static void k_linear_glu(int ith, int nth, const float* x, int64_t T, const WT* 
     float* wbuf = u + T * C;       // weight rows converted for GEMM
     for (int64_t c = f0; c < f1; c += C) {
         int64_t n = f1 - c < C ? f1 - c : C;
-        matmul_rows<WT>(x, T, K, W, c, c + n, g, C, wbuf);
-        matmul_rows<WT>(x, T, K, W, F + c, F + c + n, u, C, wbuf);
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < n; j++) {
-                float gv = g[t * C + j] + (b ? b[c + j] : 0.f), uv = u[t * C + j] + (b ? b[F + c + j] : 0.f);
-                y[t * F + c + j] = (ACT == 0 ? act_silu(gv) : act_gelu_tanh(gv)) * uv;
-            }
+        matmul_rows<WT>(x, T, K, W, c, c + n, g, C, wbuf, c > f0);
+        matmul_rows<WT>(x, T, K, W, F + c, F + c + n, u, C, wbuf, true);
+        for (int64_t t = 0; t < T; t++) glu_apply<ACT>(g + t * C, u + t * C, b ? b + c : nullptr, b ? b + F + c : nullptr, n,
+                                                      y + t * F + c);
     }
 }

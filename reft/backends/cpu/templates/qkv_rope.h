@@ -46,7 +46,7 @@ static void k_qkv_rope(int ith, int nth, const float* x, int64_t T, const WT* W,
     float* wbuf = y + T * CH * D;
     for (int64_t c = h0; c < h1; c += CH) {
         int64_t nh = h1 - c < CH ? h1 - c : CH, ld = CH * D;
-        matmul_rows<WT>(x, T, K, W, c * D, (c + nh) * D, y, ld, wbuf);
+        matmul_rows<WT>(x, T, K, W, c * D, (c + nh) * D, y, ld, wbuf, c > h0);
         for (int64_t t = 0; t < T; t++)
             for (int64_t j = 0; j < nh; j++) {
                 int64_t head = c + j;

@@ -1,12 +1,12 @@
 // ---- quant.h: matmuls and embedding lookups on block-quantized weights ------------------------
 // A quantized weight [N, K] is N rows of raw blocks, exactly as reft/ir/quantized.py describes
-// (GGUF's bytes for llama.cpp types). Every format is read 32 values at a time: QF<T>::codes()
-// decodes block j of a row into a Blk32 (32 codes in int16 vectors), QF<T>::scales() the header
-// its blocks share (a scale per 16 values, one offset): w[i] = s[i / 16] * q[i] + m. Decode streams the bytes once and multiplies each block with up to 4
-// token rows of x: llama.cpp's types as integer dot products with x rounded to int16 (quantize_act),
-// reft's weight-only int8/int4 with the codes widened to float32 (sum of m * x comes from per-block
-// sums of x computed once per call). Prompt batches dequantize chunks of rows to float32 for the
-// sgemm.
+// (GGUF's bytes for llama.cpp types). Codes are read as Blk32s (32 codes in int16 vectors, a scale
+// per 16 values, one offset: w[i] = s[i / 16] * q[i] + m): one block at a time for formats with a
+// header per block, a super-block at a time for K-quants (QF<T>::header, QF<T>::codes_part). Decode
+// streams the bytes once and multiplies each block with up to 4 token rows of x: llama.cpp's types
+// as integer dot products with x rounded to int16 (quantize_act), reft's weight-only int8/int4 with
+// the codes widened to float32 (sum of m * x comes from per-block sums of x computed once per
+// call). Prompt batches dequantize chunks of rows to float32 for the sgemm.
 
 struct q8_0_t {}; struct q4_0_t {}; struct q4_1_t {}; struct q5_0_t {}; struct q5_1_t {};
 struct q4_k_t {}; struct q5_k_t {}; struct q6_k_t {};
@@ -71,9 +71,9 @@ static inline void codes_i8(Blk32& b, const uint8_t* p) {
 static inline uint32_t u32_at(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
 // -- the formats: row_bytes(K); SUB, the 32-value blocks that share one header (8 in a K-quant
-//    super-block, else 1); scales(row, g, s0, s1, m) for the SUB blocks of header g; codes(row, j,
-//    out) for block j; MIN (whether blocks have offsets: only then are sums of x needed). A
-//    kernel decodes a header once for all its blocks. ----------
+//    super-block, else 1); MIN (whether blocks have offsets: only then are sums of x needed);
+//    AQ (int16 activations). SUB = 1: scales(row, j, s0, s1, m) and codes(row, j, out) of block j;
+//    SUB = 8: see the K-quants below. ----------
 template <typename QT> struct QF;
 
 // a plain block: [f16 scale][f16 min if MIN][codes]
@@ -113,84 +113,81 @@ template <> struct QF<q5_1_t> : Plain<24, true> {
     }
 };
 
-// K-quants: super-blocks of 256 values; sub-block j % 8 of super-block j / 8
-// 6-bit scale and min of sub-block s from the 12 packed bytes (see reft/quant/kquants.py)
-static inline void kq_scale_min(const uint8_t* s, int sb, int* sc, int* mn) {
-    if (sb < 4) { *sc = s[sb] & 63; *mn = s[sb + 4] & 63; }
-    else { *sc = (s[sb + 4] & 15) | ((s[sb - 4] >> 6) << 4); *mn = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4); }
-}
-// q4_k / q5_k header: d, dmin, then the packed 6-bit scales and mins
-static inline void kq_scales(const uint8_t* p, float* s0, float* s1, float* m) {
-    const float d = h2f(p), dmin = h2f(p + 2);
-    for (int sb = 0; sb < 8; sb++) {
-        int sc, mn;
-        kq_scale_min(p + 4, sb, &sc, &mn);
-        s0[sb] = s1[sb] = d * (float)sc;
-        m[sb] = -(dmin * (float)mn);
-    }
+// K-quants: super-blocks of 256 values, 8 blocks of 32 under one header. QF<T>::header decodes
+// it into vectors over the 8 blocks (s0, s1: scales of values 0-15 and 16-31 of each block, m its
+// offset; the 6-bit fields of q4_k/q5_k unpacked four at a time in 32-bit words), and
+// QF<T>::codes_part(p, q, b) the PART blocks from q on that share their bytes (q4_k/q5_k: low and
+// high nibbles of 32 bytes; q6_k: a 128-value half), each byte loaded once.
+// q4_k / q5_k header: d, dmin, then 12 bytes of 6-bit scales and mins (see reft/quant/kquants.py):
+// block b < 4: scale = s[b] & 63, min = s[b + 4] & 63; b >= 4: the low 4 bits from s[b + 4] (scale:
+// its low nibble, min: its high one) and the top 2 from bits 6-7 of s[b - 4] (scale) or s[b] (min)
+static inline void kq_header(const uint8_t* p, f32x8& s, f32x8& m) {
+    const uint32_t a = u32_at(p + 4), b = u32_at(p + 8), c = u32_at(p + 12);
+    const uint32_t w[4] = {a & 0x3f3f3f3f, (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030),    // scales 0-3, 4-7
+                           b & 0x3f3f3f3f, ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)};   // mins
+    uint8_t bytes[16];
+    memcpy(bytes, w, 16);
+    s = vbytes_f32x8(bytes) * h2f(p);
+    m = vbytes_f32x8(bytes + 8) * -h2f(p + 2);
 }
 
-// 32 codes: the low (hi = 0) or high (hi = 1) nibbles of 32 bytes, plus 16 where bit `bit` of qh[i] is set
-static inline void codes_k(Blk32& b, const uint8_t* q, int hi, const uint8_t* qh, int bit) {
-    i16x16 c[2];
+// codes of the two blocks in the low (even block) and high (odd block) nibbles of the 32 bytes at q;
+// qh (q5_k): bit `bit` of qh[i] adds 16 to code i of the even block, bit `bit + 1` of the odd one
+static inline void codes_pair(const uint8_t* q, const uint8_t* qh, int bit, Blk32* b) {
+    i16x16 lo[2], hi[2];
     for (int h = 0; h < 2; h++) {
         const i16x16 z = vzext16(q + 16 * h);
-        c[h] = (hi ? z >> 4 : z) & 15;
-        if (qh) c[h] |= ((vzext16(qh + 16 * h) >> bit) & 1) << 4;
+        lo[h] = z & 15;
+        hi[h] = z >> 4;
+        if (qh) {
+            const i16x16 zh = vzext16(qh + 16 * h) >> bit;
+            lo[h] |= (zh & 1) << 4;
+            hi[h] |= (zh & 2) << 3;
+        }
     }
-    pack16(c[0], c[1], b.q);
+    pack16(lo[0], lo[1], b[0].q);
+    pack16(hi[0], hi[1], b[1].q);
 }
 
 template <> struct QF<q4_k_t> {
     static constexpr bool AQ = true, MIN = true;
-    static constexpr int SUB = 8;
-    static int64_t row_bytes(int64_t K) { return K / 256 * 144; }
-    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
-        kq_scales(r + g * 144, s0, s1, m);
-    }
-    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
-        const int sb = (int)(j & 7);
-        codes_k(b, r + (j >> 3) * 144 + 16 + 32 * (sb >> 1), sb & 1, 0, 0);
-    }
+    static constexpr int SUB = 8, PART = 2, BYTES = 144;
+    static int64_t row_bytes(int64_t K) { return K / 256 * BYTES; }
+    static inline void header(const uint8_t* p, f32x8& s0, f32x8& s1, f32x8& m) { kq_header(p, s0, m); s1 = s0; }
+    static inline void codes_part(const uint8_t* p, int q, Blk32* b) { codes_pair(p + 16 + 16 * q, nullptr, 0, b); }
 };
 template <> struct QF<q5_k_t> {
     static constexpr bool AQ = true, MIN = true;
-    static constexpr int SUB = 8;
-    static int64_t row_bytes(int64_t K) { return K / 256 * 176; }
-    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
-        kq_scales(r + g * 176, s0, s1, m);
-    }
-    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + (j >> 3) * 176;
-        const int sb = (int)(j & 7);
-        codes_k(b, p + 48 + 32 * (sb >> 1), sb & 1, p + 16, sb);
-    }
+    static constexpr int SUB = 8, PART = 2, BYTES = 176;
+    static int64_t row_bytes(int64_t K) { return K / 256 * BYTES; }
+    static inline void header(const uint8_t* p, f32x8& s0, f32x8& s1, f32x8& m) { kq_header(p, s0, m); s1 = s0; }
+    static inline void codes_part(const uint8_t* p, int q, Blk32* b) { codes_pair(p + 48 + 16 * q, p + 16, q, b); }
 };
 template <> struct QF<q6_k_t> {
     static constexpr bool AQ = true, MIN = false;
-    static constexpr int SUB = 8;
-    static int64_t row_bytes(int64_t K) { return K / 256 * 210; }
-    static inline void scales(const uint8_t* r, int64_t g, float* s0, float* s1, float* m) {
-        const uint8_t* p = r + g * 210;
+    static constexpr int SUB = 8, PART = 4, BYTES = 210;
+    static int64_t row_bytes(int64_t K) { return K / 256 * BYTES; }
+    // 16 int8 scales, one per 16 values, and d at the end
+    static inline void header(const uint8_t* p, f32x8& s0, f32x8& s1, f32x8& m) {
         const float d = h2f(p + 208);
-        const int8_t* sc = (const int8_t*)(p + 192);   // 16 scales, one per 16 values
-        for (int sb = 0; sb < 8; sb++) {
-            s0[sb] = d * (float)sc[2 * sb];
-            s1[sb] = d * (float)sc[2 * sb + 1];
-            m[sb] = 0.f;
-        }
+        const f32x8 a = vbytes_f32x8((const int8_t*)(p + 192)) * d, b = vbytes_f32x8((const int8_t*)(p + 200)) * d;
+        s0 = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+        s1 = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+        m = (f32x8){};
     }
-    static inline void codes(const uint8_t* r, int64_t j, Blk32& b) {
-        const uint8_t* p = r + (j >> 3) * 210;
-        const int h = (int)((j >> 2) & 1), i = (int)(j & 3);       // half of 128 values, quarter of it
-        const uint8_t* ql = p + 64 * h + 32 * (i & 1);              // low nibbles (i < 2) or high (i >= 2)
-        const uint8_t* qh = p + 128 + 32 * h;                       // 2-bit high parts at bits 2i, 2i + 1
-        i16x16 c[2];
+    // blocks q .. q + 3 (one half of 128 values): low nibbles of ql[0:32], ql[32:64], then their high
+    // nibbles; 2-bit high parts in bits (0, 1), (2, 3), (4, 5), (6, 7) of qh; codes - 32
+    static inline void codes_part(const uint8_t* p, int q, Blk32* b) {
+        const uint8_t *ql = p + 64 * (q >> 2), *qh = p + 128 + 32 * (q >> 2);
+        i16x16 c[4][2];
         for (int k = 0; k < 2; k++) {
-            const i16x16 lo = vzext16(ql + 16 * k), hi = vzext16(qh + 16 * k);
-            c[k] = (((i >= 2 ? lo >> 4 : lo) & 15) | (((hi >> (2 * i)) & 3) << 4)) - 32;
+            const i16x16 l0 = vzext16(ql + 16 * k), l1 = vzext16(ql + 32 + 16 * k), h = vzext16(qh + 16 * k);
+            c[0][k] = ((l0 & 15) | ((h & 3) << 4)) - 32;
+            c[1][k] = ((l1 & 15) | ((h & 12) << 2)) - 32;
+            c[2][k] = ((l0 >> 4) | (h & 48)) - 32;
+            c[3][k] = ((l1 >> 4) | ((h >> 2) & 48)) - 32;
         }
-        pack16(c[0], c[1], b.q);
+        for (int i = 0; i < 4; i++) pack16(c[i][0], c[i][1], b[i].q);
     }
 };
 
@@ -221,14 +218,12 @@ template <int G> struct QF<int4_t_<G>> {
     }
 };
 
-// block j of a row, header and codes (kernels that visit blocks one by one)
+// block j of a row, header and codes (kernels that visit blocks one by one; formats with SUB = 1)
 template <typename QT>
 static inline void qblock(const uint8_t* r, int64_t j, Blk32& b) {
-    constexpr int SUB = QF<QT>::SUB;
-    float s0[SUB], s1[SUB], m[SUB];
-    QF<QT>::scales(r, j / SUB, s0, s1, m);
+    static_assert(QF<QT>::SUB == 1, "K-quants decode a super-block at a time");
+    QF<QT>::scales(r, j, &b.s0, &b.s1, &b.m);
     QF<QT>::codes(r, j, b);
-    b.s0 = s0[j % SUB]; b.s1 = s1[j % SUB]; b.m = m[j % SUB];
 }
 
 // -- kernels ---------------------------------------------------------------------------------
@@ -329,11 +324,33 @@ static inline vf pair_scales(int i, float s0, float s1) {
     for (int l = 0; l < VW; l++) r[l] = i * VW + l < 8 ? s0 : s1;
     return r;
 }
+// acc + the dot product of block b's codes with 32 activation codes xq, scaled by w0 (values 0-15)
+// and w1 (values 16-31; TWO = they differ): w = block scale x activation scale. Pair lane l of
+// sub-vector i holds values 2 (i VW + l) and the next one; sub-vectors of one scale add up in int32
+// (|sum| < 2^27) before one conversion
+template <bool TWO>
+static inline vf block_dot(const Blk32& b, const int16_t* xq, float w0, float w1, vf acc) {
+    if constexpr (!TWO || NSV == 1) {
+        vi p = vmadd16(b.q[0], vld<vs>(xq));
+        for (int i = 1; i < NSV; i++) p += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
+        return vfma(__builtin_convertvector(p, vf), TWO ? pair_scales(0, w0, w1) : vset(w0), acc);
+    } else {
+        vi p0 = vmadd16(b.q[0], vld<vs>(xq)), p1 = vmadd16(b.q[NSV / 2], vld<vs>(xq + NSV / 2 * 2 * VW));
+        for (int i = 1; i < NSV / 2; i++) {
+            p0 += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
+            p1 += vmadd16(b.q[NSV / 2 + i], vld<vs>(xq + (NSV / 2 + i) * 2 * VW));
+        }
+        acc = vfma(__builtin_convertvector(p0, vf), vset(w0), acc);
+        return vfma(__builtin_convertvector(p1, vf), vset(w1), acc);
+    }
+}
+
 // y[t, row - r0] (ldy) = xq[t] . W[row] for rows [r0, r1), TB token rows of int16 activations
+// (formats with a header per block)
 template <typename QT, int TB>
 static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_t K, const uint8_t* W, int64_t r0,
                      int64_t r1, float* y, int64_t ldy) {
-    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32, BPB = RBY / NB;   // bytes per block (about)
+    const int64_t RBY = QF<QT>::row_bytes(K), NB = K / 32, BPB = RBY / NB;   // bytes per block
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t* wr = W + row * RBY;
         vf acc[TB][2];     // even and odd blocks: two independent FMA chains per token
@@ -343,59 +360,107 @@ static void qgemv_aq(const int16_t* qx, const float* dx, const float* xs, int64_
             mo[t][0] = mo[t][1] = 0.f;
         }
         // a = 0 or 1 as a constant: an accumulator picked at run time lives in memory
-        auto step = [&](int64_t j, int a, float s0, float s1, float m) __attribute__((always_inline)) {
+        auto step = [&](int64_t j, int a) __attribute__((always_inline)) {
             if (GEMV_PREFETCH) __builtin_prefetch(wr + j * BPB + GEMV_PREFETCH, 0, 3);   // ~ a line per block
             Blk32 b;
-            QF<QT>::codes(wr, j, b);
-            const vf sv = two_scales<QT> && NSV == 1 ? pair_scales(0, s0, s1) : vset(s0);   // per lane of a pair sum
+            qblock<QT>(wr, j, b);
             for (int t = 0; t < TB; t++) {
-                const int16_t* xq = qx + t * K + 32 * j;
                 const float d = dx[t * NB + j];
-                // pair sums: lane l of sub-vector i holds values 2 (i VW + l) and the next one.
-                // Sub-vectors of one scale add up in int32 (|sum| < 2^27) before one conversion
-                if constexpr (!two_scales<QT> || NSV == 1) {
-                    vi p = vmadd16(b.q[0], vld<vs>(xq));
-                    for (int i = 1; i < NSV; i++) p += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
-                    acc[t][a] = vfma(__builtin_convertvector(p, vf), sv * d, acc[t][a]);
-                } else {
-                    vi p0 = vmadd16(b.q[0], vld<vs>(xq)), p1 = vmadd16(b.q[NSV / 2], vld<vs>(xq + NSV / 2 * 2 * VW));
-                    for (int i = 1; i < NSV / 2; i++) {
-                        p0 += vmadd16(b.q[i], vld<vs>(xq + i * 2 * VW));
-                        p1 += vmadd16(b.q[NSV / 2 + i], vld<vs>(xq + (NSV / 2 + i) * 2 * VW));
-                    }
-                    acc[t][a] = vfma(__builtin_convertvector(p0, vf), vset(s0 * d), acc[t][a]);
-                    acc[t][a] = vfma(__builtin_convertvector(p1, vf), vset(s1 * d), acc[t][a]);
-                }
-                if constexpr (QF<QT>::MIN) mo[t][a] += m * xs[t * NB + j];
+                acc[t][a] = block_dot<false>(b, qx + t * K + 32 * j, b.s0 * d, 0.f, acc[t][a]);
+                if constexpr (QF<QT>::MIN) mo[t][a] += b.m * xs[t * NB + j];
             }
         };
-        // the header of each group of SUB blocks once, then its blocks (two groups at a time when SUB = 1)
-        constexpr int SUB = QF<QT>::SUB;
-        auto group = [&](int64_t g, int a0) __attribute__((always_inline)) {
-            float s0[SUB], s1[SUB], m[SUB];
-            QF<QT>::scales(wr, g, s0, s1, m);
-#pragma GCC unroll 8
-            for (int k = 0; k < SUB; k++) step(g * SUB + k, (a0 + k) & 1, s0[k], s1[k], m[k]);
-        };
-        int64_t g = 0;
-        const int64_t NG = NB / SUB;
-        if constexpr (SUB == 1)
-            for (; g + 1 < NG; g += 2) { group(g, 0); group(g + 1, 1); }
-        for (; g < NG; g++) group(g, 0);
+        int64_t j = 0;
+        for (; j + 1 < NB; j += 2) { step(j, 0); step(j + 1, 1); }
+        if (j < NB) step(j, 0);
         for (int t = 0; t < TB; t++) y[t * ldy + row - r0] = hsum(acc[t][0] + acc[t][1]) + (mo[t][0] + mo[t][1]);
     }
 }
 
+// the same for K-quants: per super-block, the header's 8 block scales times each token's 8
+// activation scales in one vector product, the offsets' sums as one vector FMA, then the codes
+// decoded PART blocks at a time (SmolLM2 -> llama-1b Q4_K_M: the scalar header decode had been
+// about a third of the step)
+template <typename QT, int TB>
+static void qgemv_k(const int16_t* qx, const float* dx, const float* xs, int64_t K, const uint8_t* W, int64_t r0,
+                    int64_t r1, float* y, int64_t ldy) {
+    using F = QF<QT>;
+    constexpr bool TWO = two_scales<QT>;
+    const int64_t RBY = F::row_bytes(K), NB = K / 32;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t* wr = W + row * RBY;
+        vf acc[TB][2];     // even and odd blocks: two independent FMA chains per token
+        f32x8 mo[TB];      // offsets' sums, per block of a super-block
+        for (int t = 0; t < TB; t++) {
+            acc[t][0] = acc[t][1] = vzero();
+            mo[t] = (f32x8){};
+        }
+        for (int64_t g = 0; g < NB / 8; g++) {
+            const uint8_t* p = wr + g * F::BYTES;
+            if (GEMV_PREFETCH)
+                for (int o = 0; o < F::BYTES; o += 64) __builtin_prefetch(p + GEMV_PREFETCH + o, 0, 3);
+            f32x8 s0, s1, m;
+            F::header(p, s0, s1, m);
+            float w[TB][2][8];   // block scale x activation scale, values 0-15 and 16-31 of each block
+            for (int t = 0; t < TB; t++) {
+                const f32x8 d = vld<f32x8>(dx + t * NB + 8 * g);
+                vst(w[t][0], s0 * d);
+                if constexpr (TWO) vst(w[t][1], s1 * d);
+                if constexpr (F::MIN) mo[t] += m * vld<f32x8>(xs + t * NB + 8 * g);
+            }
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; q += F::PART) {
+                Blk32 b[F::PART];
+                F::codes_part(p, q, b);
+#pragma GCC unroll 4
+                for (int k = 0; k < F::PART; k++)
+                    for (int t = 0; t < TB; t++) {
+                        const int j = q + k;
+                        acc[t][j & 1] = block_dot<TWO>(b[k], qx + t * K + 32 * (8 * g + j), w[t][0][j],
+                                                       TWO ? w[t][1][j] : 0.f, acc[t][j & 1]);
+                    }
+            }
+        }
+        for (int t = 0; t < TB; t++) {
+            float r = hsum(acc[t][0] + acc[t][1]);
+            if constexpr (F::MIN) r += hsum(mo[t]);
+            y[t * ldy + row - r0] = r;
+        }
+    }
+}
+
+// out[0:32] = block b as float32
+static inline void blk_f32(const Blk32& b, float* out) {
+    vf w[NQV];
+    for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
+    for (int i = 0; i < NQV; i++) vstore(out + i * VW, vfma(w[i], vset(i * VW < 16 ? b.s0 : b.s1), vset(b.m)));
+}
 // out[0:K] = row of W as float32
 template <typename QT>
 static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
-    for (int64_t j = 0; j < K / 32; j++) {
-        Blk32 b;
-        qblock<QT>(wr, j, b);
-        float* o = out + 32 * j;
-        vf w[NQV];
-        for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
-        for (int i = 0; i < NQV; i++) vstore(o + i * VW, vfma(w[i], vset(i * VW < 16 ? b.s0 : b.s1), vset(b.m)));
+    using F = QF<QT>;
+    if constexpr (F::SUB == 8) {
+        for (int64_t g = 0; g < K / 256; g++) {
+            const uint8_t* p = wr + g * F::BYTES;
+            f32x8 s0, s1, m;
+            F::header(p, s0, s1, m);
+            for (int q = 0; q < 8; q += F::PART) {
+                Blk32 b[F::PART];
+                F::codes_part(p, q, b);
+                for (int k = 0; k < F::PART; k++) {
+                    b[k].s0 = s0[q + k];
+                    b[k].s1 = s1[q + k];
+                    b[k].m = m[q + k];
+                    blk_f32(b[k], out + 256 * g + 32 * (q + k));
+                }
+            }
+        }
+    } else {
+        for (int64_t j = 0; j < K / 32; j++) {
+            Blk32 b;
+            qblock<QT>(wr, j, b);
+            blk_f32(b, out + 32 * j);
+        }
     }
 }
 
@@ -404,7 +469,8 @@ template <typename QT, int TB>
 static inline void qgemv_tokens(const float* x, const int16_t* qx, const float* dx, const float* xs, int64_t t0,
                                 int64_t K, const uint8_t* W, int64_t n, float* y, int64_t ldy) {
     const int64_t NB = K / 32;
-    if constexpr (QF<QT>::AQ) qgemv_aq<QT, TB>(qx + t0 * K, dx + t0 * NB, xs + t0 * NB, K, W, 0, n, y, ldy);
+    if constexpr (QF<QT>::SUB == 8) qgemv_k<QT, TB>(qx + t0 * K, dx + t0 * NB, xs + t0 * NB, K, W, 0, n, y, ldy);
+    else if constexpr (QF<QT>::AQ) qgemv_aq<QT, TB>(qx + t0 * K, dx + t0 * NB, xs + t0 * NB, K, W, 0, n, y, ldy);
     else qgemv<QT, TB>(x + t0 * K, xs + t0 * NB, K, W, 0, n, y, ldy);
 }
 
@@ -414,17 +480,19 @@ static inline void qgemv_tokens(const float* x, const int16_t* qx, const float* 
 
 // y[:, 0 : r1 - r0] = x . W[r0:r1]^T: GEMV for decode batches, dequantized chunks + sgemm otherwise.
 // scratch holds the GEMV's activation codes, scales and block sums (T * (K / 2 + K / 16) floats),
-// or the GEMM's rounded activations (lower.py: _act_scratch) and GEMM_CHUNK * K floats.
+// or the GEMM's rounded activations (lower.py: _act_scratch) and GEMM_CHUNK * K floats; with
+// `ready`, an earlier call (same x, same scratch) has prepared the activations there.
 template <typename QT>
 static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int64_t r0, int64_t r1, float* y,
-                         int64_t ldy, float* scratch) {
+                         int64_t ldy, float* scratch, bool ready) {
     const uint8_t* W = (const uint8_t*)Wq;
     const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K);
     if (T <= QGEMV_MAX_T) {   // decode batches (the target's QGEMV_MAX_T): GEMV over groups of up to 4 tokens
         // per call: int16 activations (llama.cpp's types) and per-block sums of x (formats with offsets)
         float *dx = scratch, *xs = dx + T * NB;
         int16_t* qx = (int16_t*)(xs + T * NB);
-        if constexpr (QF<QT>::AQ) quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
+        if (ready) {
+        } else if constexpr (QF<QT>::AQ) quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
         else if constexpr (QF<QT>::MIN) block_sums(x, T, K, xs);
         // 16 rows at a time for every token group: the rows' bytes come from memory once
         for (int64_t c = r0; c < r1; c += 16) {
@@ -445,7 +513,7 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
     if constexpr (QF<QT>::AQ) {   // the same rounded activations as decode, through the sgemm
         float *xh = scratch, *dx = xh + T * K;
         int16_t* qx = (int16_t*)(dx + T * NB);
-        quantize_act(x, T, K, qx, dx, nullptr, xh);
+        if (!ready) quantize_act(x, T, K, qx, dx, nullptr, xh);
         x = xh;
         wbuf = xh + T * K + T * NB + T * K / 2;
     }

@@ -39,7 +39,7 @@ static inline vf vload(const float* p) { return vld<vf>(p); }
 static inline void vstore(float* p, vf v) { vst(p, v); }
 // the first n < VW lanes of p, the rest zero
 static inline vf vload_part(const float* p, int64_t n) { vf v = vzero(); memcpy(&v, p, n * sizeof(float)); return v; }
-static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+template <typename V> static inline V vmax(V a, V b) { return a > b ? a : b; }
 static inline vf vabs(vf a) { return (vf)((vi)a & 0x7fffffff); }
 
 // a * b + c, rounded once
@@ -95,10 +95,15 @@ static inline f32x8 fold(f32x16 v) {
 }
 static inline float hsum(f32x8 v) { return hsum(fold(v)); }
 static inline float hsum(f32x16 v) { return hsum(fold(v)); }
-static inline float hmax(vf v) {
-    float m = v[0];
-    for (int i = 1; i < VW; i++) m = fmaxf(m, v[i]);
-    return m;
+// largest lane of v (no NaNs), folding halves: max is exact in any order, and fmaxf is a library
+// call unless NaNs are ruled out
+static inline float hmax(f32x4 v) {
+    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 2, 3));
+    return v[0] > v[1] ? v[0] : v[1];
+}
+static inline float hmax(f32x8 v) { return hmax(vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7))); }
+static inline float hmax(f32x16 v) {
+    return hmax(vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
 }
 
 // round to the nearest integer, ties to even (|v| < 2^22): adding and removing 1.5 * 2^23 leaves
@@ -146,6 +151,24 @@ static inline i16x16 vsext16(const int8_t* p) {
 #else
     typedef int8_t i8x16_ __attribute__((vector_size(16)));
     return __builtin_convertvector(vld<i8x16_>(p), i16x16);
+#endif
+}
+// 8 bytes (uint8_t or int8_t) as 8 float32 lanes: K-quant headers' 6- and 8-bit scales
+template <typename B>
+static inline f32x8 vbytes_f32x8(const B* p) {
+    static_assert(sizeof(B) == 1, "bytes");
+    constexpr bool S = std::is_signed<B>::value;
+#if defined(__AVX2__)
+    const __m128i v = _mm_loadl_epi64((const __m128i*)p);
+    return (f32x8)_mm256_cvtepi32_ps(S ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+#elif defined(__aarch64__)
+    const int16x8_t w = S ? vmovl_s8(vld1_s8((const int8_t*)p)) : vreinterpretq_s16_u16(vmovl_u8(vld1_u8((const uint8_t*)p)));
+    const f32x4 lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), hi = vcvtq_f32_s32(vmovl_high_s16(w));
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+    f32x8 r;
+    for (int i = 0; i < 8; i++) r[i] = (float)p[i];
+    return r;
 #endif
 }
 // 2 VW int16 lanes as two float32 vectors (lanes 0 .. VW - 1, VW .. 2 VW - 1)
