@@ -6,6 +6,10 @@ declares), bind their params to the checkpoint (names and shapes must agree), ru
 pass pipeline plus the backend's own passes, let the backend (asked from the registry by name)
 compile the entry graphs, then write the plan into a temporary directory that is renamed into
 place only when complete. The manifest is built by reft/plan.py.
+
+`compile_train_plan` does the same for `reft train`: the forward graph through the TRAIN pipeline
+(loss, LoRA, autodiff) and the optimizer pass, float32 master weights, and the parameters the
+optimizer updates declared writable in the manifest.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import backends, settings
 from .backends import BackendOptions
@@ -126,6 +132,16 @@ class CompileOptions:
             quant_dtype(self.quant, self.group_size)
 
 
+def model_config(source):
+    """The family's Config of a ModelSource; a config that does not fit is a ModelError."""
+    try:
+        return source.family.Config.from_hf(source.config)
+    except KeyError as e:
+        raise ModelError(f"{source.where}: missing key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{source.where}: {e}") from None
+
+
 def default_backend() -> str:
     """The best backend for this machine: cpu (C++ codegen) wherever a C++ compiler exists."""
     return backends.default().name
@@ -152,12 +168,7 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
     backend.check_options(opts.backend_options())
     opts.check()
     source = open_source(model, opts.model_def)
-    try:
-        cfg = source.family.Config.from_hf(source.config)
-    except KeyError as e:
-        raise ModelError(f"{source.where}: missing key {e}") from None
-    except (ValueError, TypeError) as e:
-        raise ModelError(f"{source.where}: {e}") from None
+    cfg = model_config(source)
     try:
         graphs = build_entries(source.family, cfg)
     except (TypeError, ValueError, KeyError) as e:
@@ -178,32 +189,144 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
                                       "kv_dtype": opts.kv_dtype, "calibration_ids": calibration_ids})
     with atomic_dir(out) as tmp:
         dumps = tmp / "dumps" if opts.dump_dir else None
-        records = {}
-        for entry, g in graphs.items():
-            pm = PassManager(PIPELINE + list(backend.passes),
-                             dump_dir=None if dumps is None else dumps if entry == "forward" else dumps / entry)
-            graphs[entry] = pm.run(g, ctx)
-            records[entry] = pm.records
-        (tmp / "graphs").mkdir()
-        for entry, g in graphs.items():
-            (tmp / "graphs" / f"{entry}.ir").write_text(print_graph(g))
-        (tmp / "kernels").mkdir()
-        backend_record = backend.compile(graphs, tmp / "kernels", opts.backend_options(),
-                                         ctx.artifacts.get("memory_plans"))
-        if dumps:
-            for entry, rec in backend_record.get("entries", {}).items():
-                shutil.copy(tmp / rec["source"], dumps / f"{entry}.cpp")
-        (tmp / "weights").mkdir()
-        params = plan_params(graphs)
-        weight_bytes = _write_weights(params, ctx.weights, tmp / "weights" / "model.safetensors", opts.progress,
-                                      backend.weight_layout(backend_record))
-        tokenizer.save_to(tmp / "tokenizer")
-        write_manifest(tmp, build_manifest(
-            source=source, cfg=cfg, n_params=n_params, options=opts, graphs=graphs, backend=backend_record,
-            quantization=quantization_record(graphs["forward"], opts.quant, opts.group_size, source.format == "gguf"),
-            memory=ctx.artifacts.get("memory"), passes=[dataclasses.asdict(r) for r in records["forward"]],
-            kv=kv_layout(graphs["forward"], opts.page_size), weight_bytes=weight_bytes, n_tensors=len(params),
-            writable={e: getattr(source.family, "WRITABLE", {}).get(e, ()) for e in graphs}))
+        records = run_pipelines(graphs, {e: PIPELINE + list(backend.passes) for e in graphs}, ctx, dumps)
+        write_plan(tmp, source=source, cfg=cfg, n_params=n_params, options=opts, graphs=graphs, records=records,
+                   ctx=ctx, backend=backend,
+                   quantization=quantization_record(graphs["forward"], opts.quant, opts.group_size,
+                                                    source.format == "gguf"),
+                   kv=kv_layout(graphs["forward"], opts.page_size))
+        if opts.dump_dir:
+            shutil.copytree(dumps, opts.dump_dir, dirs_exist_ok=True)
+    return Path(out)
+
+
+def run_pipelines(graphs: dict[str, Graph], pipelines: dict[str, list], ctx: PassContext, dumps: Path | None) -> dict:
+    """Run each entry graph through its pipeline (in place in `graphs`); returns entry -> pass records.
+    Dumps of the first entry go to `dumps`, the others' to `dumps/<entry>`."""
+    records = {}
+    for i, (entry, g) in enumerate(graphs.items()):
+        pm = PassManager(pipelines[entry], dump_dir=None if dumps is None else dumps if i == 0 else dumps / entry)
+        graphs[entry] = pm.run(g, ctx)
+        records[entry] = pm.records
+    return records
+
+
+def write_plan(tmp: Path, *, source, cfg, n_params: int, options: CompileOptions, graphs: dict[str, Graph],
+               records: dict, ctx: PassContext, backend, quantization, kv) -> None:
+    """Everything of a plan directory but the dumps, into `tmp`: the final graphs, what the backend
+    compiles, the weights in its layout, the tokenizer and the manifest. An entry's writable params
+    are the family's WRITABLE ones plus those a pass recorded (add_optimizer's updates)."""
+    dumps = tmp / "dumps" if options.dump_dir else None
+    (tmp / "graphs").mkdir()
+    for entry, g in graphs.items():
+        (tmp / "graphs" / f"{entry}.ir").write_text(print_graph(g))
+    (tmp / "kernels").mkdir()
+    backend_record = backend.compile(graphs, tmp / "kernels", options.backend_options(),
+                                     ctx.artifacts.get("memory_plans"))
+    if dumps:
+        for entry, rec in backend_record.get("entries", {}).items():
+            shutil.copy(tmp / rec["source"], dumps / f"{entry}.cpp")
+    (tmp / "weights").mkdir()
+    params = plan_params(graphs)
+    weight_bytes = _write_weights(params, ctx.weights, tmp / "weights" / "model.safetensors", options.progress,
+                                  backend.weight_layout(backend_record))
+    source.tokenizer.save_to(tmp / "tokenizer")
+    declared, recorded = getattr(source.family, "WRITABLE", {}), ctx.artifacts.get("writable", {})
+    writable = {e: sorted({*declared.get(e, ()), *recorded.get(e, ())}) for e in graphs}
+    write_manifest(tmp, build_manifest(
+        source=source, cfg=cfg, n_params=n_params, options=options, graphs=graphs, backend=backend_record,
+        quantization=quantization, memory=ctx.artifacts.get("memory"),
+        passes=[dataclasses.asdict(r) for r in next(iter(records.values()))], kv=kv, weight_bytes=weight_bytes,
+        n_tensors=len(params), writable=writable))
+
+
+# -- training plans (reft train) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainPlanOptions:
+    """What `reft train` compiles: its entry points, what trains, and the optimizer.
+
+    Entries: `train_step` (forward + loss + backward + AdamW, one call per optimizer step), or with
+    `accumulate` the pair `train_grad` (forward + loss + backward: outputs loss and grad.<param>) and
+    `apply_update` (inputs grad.<param>: the gradients the runtime summed over the micro-batches;
+    clipping + AdamW); with `eval` also `eval_loss` (forward + loss).
+    """
+    backend: str | None = None
+    trainable: tuple[str, ...] | None = None     # None = every float parameter (full); LoRA decides its own
+    lora: object = None                          # a passes.add_lora.LoraConfig
+    optimizer: object = None                     # a passes.add_optimizer.AdamW
+    gradient_checkpointing: bool = False
+    accumulate: bool = False
+    eval: bool = False
+    max_batch_tokens: int = 512
+    threads: int | None = None
+    dump_dir: str | Path | None = None
+    progress: bool = False
+
+    def compile_options(self) -> CompileOptions:
+        return CompileOptions(backend=self.backend, dtype="float32", dump_dir=self.dump_dir,
+                              max_batch_tokens=self.max_batch_tokens, progress=self.progress)
+
+
+def train_forward(source, cfg, name: str, weights) -> tuple[Graph, int]:
+    """The family's forward graph named `name`, bound to the checkpoint, every float param float32
+    (training keeps fp32 master weights; block-quantized GGUF tensors are dequantized)."""
+    b = GraphBuilder(name)
+    source.family.build(cfg, b)
+    n = bind_weights(b.graph, weights, str(source.path))
+    for p in b.graph.params():
+        p.out.type = TensorType(p.out.shape, "float32")
+    return b.graph, n
+
+
+def update_graph(grads: dict[str, TensorType]) -> Graph:
+    """The `apply_update` entry before add_optimizer: each trainable param, and its gradient as an input."""
+    b = GraphBuilder("apply_update")
+    for name, t in grads.items():
+        b.param(name, t.shape)
+        b.output("grad." + name, b.input("grad." + name, t.shape, "float32"))
+    return b.graph
+
+
+def compile_train_plan(source, out: str | Path, options: TrainPlanOptions, weights=None) -> Path:
+    """Compile the training entry points of `source` (a ModelSource) into the plan directory `out`.
+    `weights` (name -> array) replace the checkpoint's tensors and the fresh optimizer state / adapter
+    init by name (a resumed run's trained params, AdamW moments and LoRA tensors)."""
+    from .passes.add_optimizer import AdamW
+    from .passes.pipeline import EVAL, OPTIMIZER, TRAIN
+
+    opts = options
+    copts = opts.compile_options()
+    backend = backends.get(opts.backend) if opts.backend else backends.default()
+    backend.check_options(copts.backend_options())
+    cfg = model_config(source)
+    first = "train_grad" if opts.accumulate else "train_step"
+    graphs, n_params = {}, 0
+    for entry in (first, "eval_loss") if opts.eval else (first,):
+        graphs[entry], n_params = train_forward(source, cfg, entry, source.weights)
+    store = WeightStore(source.weights)
+    for p in graphs[first].params():
+        if source.weights.info(p.name)[0] != "float32":
+            store.transform(p.name, lambda a: np.asarray(a, np.float32))
+    for name, a in (weights or {}).items():
+        store.define(name, lambda a=a: a)
+    ctx = PassContext(store, options={"trainable": opts.trainable, "lora": opts.lora,
+                                      "optimizer": opts.optimizer or AdamW(),
+                                      "gradient_checkpointing": opts.gradient_checkpointing,
+                                      "max_batch_tokens": opts.max_batch_tokens})
+    tail = list(backend.passes)
+    with atomic_dir(out) as tmp:
+        dumps = tmp / "dumps" if opts.dump_dir else None
+        pipelines = {first: TRAIN + ([] if opts.accumulate else OPTIMIZER) + tail, "eval_loss": EVAL + tail}
+        records = run_pipelines(graphs, pipelines, ctx, dumps)
+        if opts.accumulate:
+            grads = {k[len("grad."):]: v.type for k, v in graphs[first].outputs.items() if k.startswith("grad.")}
+            upd = {"apply_update": update_graph(grads)}
+            records.update(run_pipelines(upd, {"apply_update": OPTIMIZER + tail}, ctx,
+                                         None if dumps is None else dumps / "apply_update"))
+            graphs.update(upd)
+        write_plan(tmp, source=source, cfg=cfg, n_params=n_params, options=copts, graphs=graphs, records=records,
+                   ctx=ctx, backend=backend, quantization=None, kv=None)
         if opts.dump_dir:
             shutil.copytree(dumps, opts.dump_dir, dirs_exist_ok=True)
     return Path(out)

@@ -86,7 +86,7 @@ def build_manifest(*, source, cfg, n_params: int, options, graphs: dict, backend
         "kv_cache": kv,
         "passes": passes,
         "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes, "tensors": n_tensors},
-        "ops": graphs["forward"].op_counts(),
+        "ops": graphs.get("forward", next(iter(graphs.values()))).op_counts(),
     }
 
 

@@ -12,8 +12,9 @@ A backend is one object, registered by name (reft/backends/registry.py):
 
 The runtime talks only to the Executable: `run(feeds, entry)` runs one entry point with named
 feeds, `zeros` allocates a buffer for runtime-owned state (KV-cache pages), `to_device` /
-`to_host` copy host <-> buffer, `synchronize` waits for queued work. For host backends a buffer
-is a numpy array and the copies are plain copies.
+`to_host` copy host <-> buffer, `synchronize` waits for queued work, `read_weights(names)` copies
+weights out in the IR's logical layout (a trainer saving what its entry points updated in place).
+For host backends a buffer is a numpy array and the copies are plain copies.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class Executable(Protocol):
     def to_device(self, array: np.ndarray) -> Any: ...
     def to_host(self, buffer) -> np.ndarray: ...
     def synchronize(self) -> None: ...
+    def read_weights(self, names) -> dict[str, np.ndarray]: ...
 
 
 @runtime_checkable

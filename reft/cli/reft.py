@@ -22,6 +22,8 @@ def main():
       reft run plan/ --chat
       reft run plan/ --serve --port 8000
       reft perplexity plan/ -f text.txt
+      reft train --model MODEL --datasets alpaca@data.json --checkpoint-dir ckpt/
+      reft export ckpt/checkpoint-300 --merge -o merged/
     """
 
 
@@ -36,14 +38,41 @@ def _sampling(plan, temperature, top_p, top_k, min_p, seed):
                           min_p=float(min_p), seed=seed)
 
 
-def _stream(serving, prompt_ids, max_tokens, sampling, stops, special, out) -> int:
+def _grammar_spec(grammar_file: Path | None, json_schema: Path | None):
+    """The GrammarSpec of --grammar-file (GBNF or Lark) or --json-schema, or None; ReftError naming
+    the file when it cannot be read (the grammar engine checks the rest when it compiles it)."""
+    import json as _json
+
+    from ..errors import ReftError
+    from ..runtime.grammar import GrammarSpec
+
+    if grammar_file is not None and json_schema is not None:
+        raise ReftError("give at most one of --grammar-file and --json-schema")
+    path = grammar_file or json_schema
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReftError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    if json_schema is not None:
+        try:
+            spec = GrammarSpec("json_schema", _json.loads(text), str(path))
+        except ValueError as e:
+            raise ReftError(f"{path}: not valid JSON ({e})") from None
+    else:
+        spec = GrammarSpec("grammar", text, str(path))
+    return spec
+
+
+def _stream(serving, prompt_ids, max_tokens, sampling, stops, special, out, grammar=None) -> int:
     """Generate one request on the serving engine (as a served request would be) and write its text
     to `out` as it is produced; returns the number of tokens."""
     from ..runtime.generate import stream
     from ..runtime.serving import Request
 
     req = Request("cli", list(prompt_ids), max_tokens, sampling, stop=tuple(stops),
-                  skip_special_tokens=not special)
+                  skip_special_tokens=not special, grammar=grammar)
     n = 0
     for o in stream(serving, req):
         out.write(o.text)
@@ -132,12 +161,18 @@ def serve_options(fn):
 @click.option("--special", is_flag=True,
               help="--prompt/--chat: print the special tokens the model generates (left out by default);"
                    " the end-of-sequence token that stops generation is never printed.")
+@click.option("--grammar-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--prompt/--chat: constrain the output to this grammar (llama.cpp GBNF or Lark); generation"
+                   " stops when it is complete.")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--prompt/--chat: constrain the output to JSON matching this JSON schema file.")
 @sampling_options
 @serve_options
 @friendly_errors
 def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, special,
-        threads, serve, host, port, api_key, metrics_public, allowed_hosts, max_request_bytes, max_prompt_chars,
-        kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name, no_prefix_caching):
+        grammar_file, json_schema, threads, serve, host, port, api_key, metrics_public, allowed_hosts,
+        max_request_bytes, max_prompt_chars, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
+        no_prefix_caching):
     """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
 
     The sampling options apply to --prompt and --chat; served requests carry their own
@@ -149,6 +184,9 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
 
     if sum((prompt is not None, chat, serve)) != 1:
         raise ReftError("give exactly one of --prompt TEXT, --chat or --serve")
+    if serve and (grammar_file or json_schema):
+        raise ReftError("--grammar-file and --json-schema apply to --prompt and --chat; served requests carry"
+                        " their own (response_format, grammar, json_schema)")
     if serve:
         from ..server.serve import serve as run_server
 
@@ -161,14 +199,16 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
                           allowed_hosts=allowed_hosts)
     from ..runtime.serving import ServingEngine
 
+    spec = _grammar_spec(grammar_file, json_schema)
     engine = Engine.load(plan, backend_options=BackendOptions(threads=threads))
     serving = ServingEngine(engine, max_num_seqs=1)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
+    grammar = serving.grammars.compile(spec) if spec is not None else None   # GrammarError: one line
     tok = engine.tokenizer
     if prompt is not None:
         ids = tok.encode(prompt)
         sys.stdout.write(prompt)
-        _stream(serving, ids, max_tokens, sampling, stop, special, sys.stdout)
+        _stream(serving, ids, max_tokens, sampling, stop, special, sys.stdout, grammar)
         sys.stdout.write("\n")
         return
     template = chat_template.read_text() if chat_template else None
@@ -187,7 +227,7 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
         ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True, template=template),
                          add_special_tokens=False)
         reply = _Capture(sys.stdout)
-        _stream(serving, ids, max_tokens, sampling, stop, special, reply)
+        _stream(serving, ids, max_tokens, sampling, stop, special, reply, grammar)
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply.text.strip()})
@@ -276,6 +316,11 @@ def bench(plan, prompt, gen, repetitions, threads, fmt):
     else:
         click.echo(format_table(results))
 
+
+from .train import export, train  # noqa: E402  (their own module, on this group)
+
+main.add_command(train)
+main.add_command(export)
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 after each of these as NNN_<name>.ir."""
 from __future__ import annotations
 
+from .add_lora import add_lora
+from .add_optimizer import add_optimizer
 from .attach_loss import attach_loss
 from .cast_weights import cast_weights
 from .differentiate import differentiate
@@ -47,6 +49,22 @@ TRAIN: list[tuple[str, PassFn]] = [
     ("eliminate_dead_code", eliminate_dead_code),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("attach_loss", attach_loss),                    # logits of chosen rows -> chunked cross-entropy over all rows
+    ("add_lora", add_lora),                          # option lora: low-rank adapters, only they train
     ("differentiate", differentiate),                # options: trainable, gradient_checkpointing
+    ("eliminate_dead_code", eliminate_dead_code),
+]
+
+# -- the optimizer update, appended to TRAIN for the fused `train_step` entry, or run alone on the
+#    `apply_update` entry whose gradients are inputs (grad accumulation; reft.compiler.build_train_entries)
+OPTIMIZER: list[tuple[str, PassFn]] = [
+    ("add_optimizer", add_optimizer),                # option optimizer: clipping + AdamW, params written in place
+]
+
+# -- evaluation: the loss of a batch, no backward (the `eval_loss` entry)
+EVAL: list[tuple[str, PassFn]] = [
+    ("eliminate_dead_code", eliminate_dead_code),
+    ("eliminate_common_subexpressions", eliminate_common_subexpressions),
+    ("attach_loss", attach_loss),
+    ("add_lora", add_lora),
     ("eliminate_dead_code", eliminate_dead_code),
 ]

@@ -8,6 +8,9 @@ Per token, in this order (vLLM's and transformers' order):
 3. temperature 0 takes the argmax; otherwise logits / temperature, then top-k, top-p (the
    smallest set of most likely tokens whose mass reaches p) and min-p (drop tokens below
    min_p x the top probability), renormalised, and one seeded draw.
+4. structured output: tokens outside the sequence's grammar mask (`allowed`, computed per
+   sequence by reft/runtime/grammar.py) get -inf after the penalties, so every rule above works
+   on the grammar's tokens only; greedy takes the best allowed token.
 Logprobs are of the model's own distribution (log-softmax of the raw logits), before any of
 the above, as vLLM reports them by default.
 """
@@ -60,10 +63,13 @@ class Sampler:
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # any int seeds
         self.prompt_ids = np.asarray(prompt_ids, np.int64)
 
-    def penalize(self, logits: np.ndarray, output_ids=()) -> np.ndarray:
-        """Logits (float64) after the repetition, frequency and presence penalties."""
+    def penalize(self, logits: np.ndarray, output_ids=(), allowed: np.ndarray | None = None) -> np.ndarray:
+        """Logits (float64) after the repetition, frequency and presence penalties, and -inf where
+        `allowed` (a bool mask over the vocabulary) is False."""
         p = self.params
         z = np.array(logits, np.float64).reshape(-1)
+        if allowed is not None:
+            z[~allowed[:z.size]] = -np.inf
         if not p.penalized:
             return z
         out = np.asarray(output_ids, np.int64)
@@ -76,10 +82,11 @@ class Sampler:
             z -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         return z
 
-    def distribution(self, logits: np.ndarray, output_ids=()) -> tuple[np.ndarray, np.ndarray]:
+    def distribution(self, logits: np.ndarray, output_ids=(), allowed: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, their probabilities) that a draw at temperature > 0 chooses among."""
         p = self.params
-        z = self.penalize(logits, output_ids) / p.temperature
+        z = self.penalize(logits, output_ids, allowed) / p.temperature
         idx = np.arange(z.size)
         if 0 < p.top_k < z.size:
             idx = np.argpartition(-z, p.top_k - 1)[:p.top_k]
@@ -89,7 +96,7 @@ class Sampler:
             idx, z = idx[order], z[order]
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        keep = np.ones(probs.size, bool)
+        keep = probs > 0     # masked-out tokens (-inf) have none
         if p.top_p < 1.0:
             keep[int(np.searchsorted(np.cumsum(probs), p.top_p) + 1):] = False
         if p.min_p > 0:
@@ -98,11 +105,13 @@ class Sampler:
         idx, probs = idx[keep], probs[keep]
         return idx, probs / probs.sum()
 
-    def __call__(self, logits: np.ndarray, output_ids=()) -> int:
+    def __call__(self, logits: np.ndarray, output_ids=(), allowed: np.ndarray | None = None) -> int:
+        """The next token; `allowed` (bool per vocabulary id) restricts it to a grammar's tokens,
+        of which there must be at least one."""
         if self.params.temperature == 0:
-            z = self.penalize(logits, output_ids) if self.params.penalized else logits
+            z = self.penalize(logits, output_ids, allowed) if self.params.penalized or allowed is not None else logits
             return int(np.argmax(z))
-        idx, probs = self.distribution(logits, output_ids)
+        idx, probs = self.distribution(logits, output_ids, allowed)
         cdf = np.cumsum(probs)
         return int(idx[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), idx.size - 1)])
 

@@ -16,6 +16,11 @@ Notable:
   prefill included) and without the prefix cache; each prompt token's logprob under the tokens
   before it comes back once, on the request's first output. max_tokens 0 then means "score only":
   the request ends with finish reason "length" after its prefill.
+- Structured output (`Request.grammar`, reft/runtime/grammar.py): each constrained sequence has
+  its own matcher; the masks of all constrained sequences sampling in a step are computed in one
+  call after the forward and applied by their samplers, so constrained and free sequences share
+  batches. The matcher takes each accepted token; EOS is allowed (even with ignore_eos) only where
+  the grammar may end, and a sequence whose grammar is complete stops there ("stop").
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import numpy as np
 from ..errors import RequestError
 from ..frontends.tokenizer import IncrementalDecoder
 from .engine import Engine
+from .grammar import Constraint, GrammarCompiler
 from .kv_cache import Sequence
 from .sampler import Sampler, SamplingParams, logprobs
 from .scheduler import Scheduler
@@ -46,6 +52,7 @@ class Request:
     logprobs: int | None = None       # None: off; k: the sampled token's logprob and k alternatives
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives
     skip_special_tokens: bool = True
+    grammar: Constraint | None = None   # structured output: the grammar the text must follow
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -83,7 +90,9 @@ class _State:
     def __init__(self, req: Request, seq: Sequence, eos: tuple[int, ...], tokenizer):
         self.req, self.seq = req, seq
         self.sampler = Sampler(req.sampling, req.prompt_ids)
-        self.stops = frozenset(req.stop_token_ids) | (frozenset() if req.ignore_eos else frozenset(eos))
+        self.matcher = req.grammar.start() if req.grammar is not None else None
+        keep_eos = req.ignore_eos and self.matcher is None   # a grammar allows EOS only where it may end
+        self.stops = frozenset(req.stop_token_ids) | (frozenset() if keep_eos else frozenset(eos))
         self.decoder = IncrementalDecoder(tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
         self.text = StopStrings(req.stop)
         self.output: list[int] = []
@@ -117,6 +126,7 @@ class ServingEngine:
                                  self.pool.num_pages * self.pool.page_size)
         self.vocab_size = int(engine.plan.manifest.get("vocab_size") or self.tokenizer.vocab_size)
         self.eos = tuple(self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self.observer = observer     # optional: .token(seconds, first=bool) and .finish(output)
         self._states: dict[str, _State] = {}
         self._by_seq: dict[Sequence, _State] = {}
@@ -193,14 +203,28 @@ class ServingEngine:
             return [self._finish(self._by_seq[c.seq], "error", f"{type(e).__name__}: {e}") for c in plan.chunks]
         self.scheduler.completed(plan)
         now = time.monotonic()
-        outs = []
+        outs, ready = [], []
         for c, start, r in zip(plan.chunks, starts, rows):
             st = self._by_seq[c.seq]
             if c.logits == "all" and st.prompt_logprobs is not None:
                 self._score_prompt(st, start, r)
             if c.logits != "none" and start + c.n == len(c.seq.tokens):
-                outs.append(self._advance(st, r[-1], now) if st.req.max_tokens else self._finish(st, "length"))
+                if st.req.max_tokens:
+                    ready.append((st, r[-1]))
+                else:
+                    outs.append(self._finish(st, "length"))
+        masks = self._masks([st for st, _ in ready])
+        for st, logits in ready:
+            outs.append(self._advance(st, logits, now, masks.get(st)))
         return outs
+
+    def _masks(self, states: list[_State]) -> dict[_State, np.ndarray]:
+        """The grammar masks of the constrained sequences among `states`, computed together."""
+        constrained = [st for st in states if st.matcher is not None]
+        if not constrained:
+            return {}
+        allowed = self.grammars.allowed_tokens([st.matcher for st in constrained])
+        return dict(zip(constrained, allowed))
 
     def _score_prompt(self, st: _State, start: int, rows: np.ndarray) -> None:
         """Record the logprobs of the prompt tokens that rows (the logits at positions start...)
@@ -227,10 +251,15 @@ class ServingEngine:
         if st.prompt_scored:
             st.seq.all_logits = False   # the rest (decode, a recompute after preemption) is ordinary
 
-    def _advance(self, st: _State, logits: np.ndarray, now: float) -> RequestOutput:
-        """Sample the next token of a sequence whose last token was just computed."""
+    def _advance(self, st: _State, logits: np.ndarray, now: float, allowed: np.ndarray | None = None
+                 ) -> RequestOutput:
+        """Sample the next token of a sequence whose last token was just computed (among the
+        `allowed` ones when it follows a grammar)."""
         req = st.req
-        tok = st.sampler(logits, st.output)
+        if allowed is not None and not allowed.any():
+            why = st.matcher.get_error() or "dead end"
+            return self._finish(st, "error", f"the grammar allows no token here ({why})")
+        tok = st.sampler(logits, st.output, allowed)
         st.output.append(tok)
         self.generation_tokens_total += 1
         if self.observer is not None:
@@ -248,6 +277,11 @@ class ServingEngine:
         out.text = st.text.push(piece)
         if st.text.stopped:
             return self._finish(st, "stop", out=out)
+        if st.matcher is not None:
+            if not st.matcher.consume_token(tok):
+                return self._finish(st, "error", f"the grammar rejected token {tok}: {st.matcher.get_error()}", out)
+            if st.matcher.is_stopped():   # complete: nothing but EOS could follow
+                return self._finish(st, "stop", out=out)
         if len(st.output) >= req.max_tokens or len(st.seq.tokens) + 1 > self.max_model_len:
             return self._finish(st, "length", out=out)
         st.seq.tokens.append(tok)

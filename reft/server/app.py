@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guards import GuardConfig, Guards
 from .metrics import ServerMetrics
-from .openai_serving import ApiError, OpenAIServing, collect, sse_events
+from .openai_serving import ApiError, OpenAIServing
+from .responses import collect, sse_events
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 
 STATIC = Path(__file__).parent / "static"

@@ -1,5 +1,5 @@
-"""Serving logic of /v1/chat/completions and /v1/completions: API request -> engine requests ->
-OpenAI response objects, whole or as server-sent events.
+"""Serving logic of /v1/chat/completions and /v1/completions: API request -> engine requests
+(responses.py turns their outputs into OpenAI response objects, whole or as server-sent events).
 
 Notable:
 - Each of the n choices (and, for completions, each prompt of a batch) is one engine sequence;
@@ -8,9 +8,9 @@ Notable:
   to OpenAI's defaults (temperature 1, top_p 1, no top-k).
 - max_tokens left out means "up to the context" for chat and 16 for completions (OpenAI's).
 - usage counts the prompt once per prompt (not once per choice), as OpenAI does.
-- A stream ends with one chunk per choice carrying its finish_reason, then the usage chunk when
-  stream_options.include_usage is set, then `data: [DONE]`. An engine failure mid-stream is sent
-  as an OpenAI error object before [DONE].
+- Structured output (structured.py reads the fields) and the grammar of tool_choice "required" or
+  a named function (tools.py) are compiled once per request, in the worker thread, after the
+  cheaper checks; every choice follows its own copy. A grammar the engine rejects is a 400.
 - Prompt text is capped in characters before it is tokenized (`max_prompt_chars`; serve.py
   makes it PROMPT_CHARS_PER_TOKEN x the plan's context length by default: no prompt that long
   fits the context, and tokenizing it would only waste time).
@@ -22,18 +22,18 @@ Notable:
 """
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from dataclasses import dataclass
 
-from anyio import to_thread
-
 from ..errors import RequestError
+from ..runtime.grammar import GrammarError, GrammarSpec
 from ..runtime.sampler import SamplingParams
 from ..runtime.serving import Request, RequestOutput, TokenLogprob
 from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        _Sampling, error_body)
+from .structured import grammar_spec
+from .tool_parsers import ToolCallParser
+from .tools import ToolError, ToolPlan, forced_grammar, plan_tools, template_messages
 
 PROMPT_CHARS_PER_TOKEN = 32   # the default prompt cap: far above any tokenizer's characters per token
 
@@ -61,6 +61,7 @@ class Choice:
     cached_tokens: int = 0
     started: bool = False   # an output of it was sent (or, whole, collected)
     echo: str = ""          # the prompt text it echoes (completions with echo)
+    tools: ToolCallParser | None = None   # chat with tools offered: splits the text into content and calls
 
 
 @dataclass
@@ -116,21 +117,42 @@ class OpenAIServing:
                            f" model with a {self.max_model_len}-token context ({self.max_prompt_chars:,} characters,"
                            " --max-prompt-chars); shorten it", param, "prompt_too_long")
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Messages -> prompt token ids through the chat template (blocking: run it in a thread)."""
-        from ..errors import ModelError
-
-        self.check_chars(sum(len(m.as_template_dict()["content"]) for m in messages), "messages")
+    @property
+    def template(self) -> str:
         template = self.chat_template or self.tokenizer.chat_template
         if not template:
             raise ApiError(400, "this model has no chat template; start the server with --chat-template FILE"
                            " or use /v1/completions", "messages")
+        return template
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: ToolPlan | None = None) -> list[int]:
+        """Messages (and tools) -> prompt token ids through the chat template (blocking: run it in a
+        thread)."""
+        from ..errors import ModelError
+
+        self.check_chars(sum(len(m.text) for m in messages), "messages")
+        template = self.template
         try:
-            text = self.tokenizer.render_chat([m.as_template_dict() for m in messages],
-                                              add_generation_prompt=add_generation_prompt, template=template)
+            dicts, extra = template_messages(messages, tools)
+            text = self.tokenizer.render_chat(dicts, add_generation_prompt=add_generation_prompt, template=template,
+                                              **extra)
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
         except ModelError as e:
             raise ApiError(400, str(e), "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def constrain(self, job: Job, spec: GrammarSpec | None, grammar: str | None = None) -> None:
+        """Compile the request's grammar (blocking) and give it to every choice; 400 if rejected."""
+        if spec is None:
+            return
+        try:
+            constraint = self.engine.serving.grammars.compile(spec, grammar)
+        except GrammarError as e:
+            raise ApiError(400, str(e), e.param) from None
+        for r in job.reqs:
+            r.grammar = constraint
 
     def check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.engine.serving.vocab_size
@@ -143,7 +165,11 @@ class OpenAIServing:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of `prompt` or `messages`")
         if body.messages is not None:
-            ids = self.render_chat(body.messages, body.add_generation_prompt)
+            try:
+                tools = plan_tools(body, self.template, self.tokenizer)
+            except ToolError as e:
+                raise ApiError(400, str(e), e.param) from None
+            ids = self.render_chat(body.messages, body.add_generation_prompt, tools)
         else:
             self.check_chars(len(body.prompt), "prompt")
             ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -191,12 +217,28 @@ class OpenAIServing:
 
     def chat_requests(self, body: ChatCompletionRequest) -> Job:
         """The engine requests of a chat completion (blocking: run it in a thread)."""
-        ids = self.render_chat(body.messages, body.add_generation_prompt)
+        try:
+            spec = grammar_spec(body)
+            tools = plan_tools(body, self.template, self.tokenizer)
+        except (GrammarError, ToolError) as e:
+            raise ApiError(400, str(e), e.param) from None
+        if tools is not None and tools.forced and spec is not None:
+            raise ApiError(400, f"tool_choice {body.tool_choice if tools.name is None else tools.name!r} forces tool"
+                           f" calls, which cannot follow {spec.param} as well; give one of them", spec.param)
+        ids = self.render_chat(body.messages, body.add_generation_prompt, tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         lp = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        return self._requests(body, [ids], max_tokens, None, lp, "chatcmpl")
+        job = self._requests(body, [ids], max_tokens, None, lp, "chatcmpl")
+        if tools is not None and tools.forced:
+            self.constrain(job, GrammarSpec("grammar", None, "tools"), forced_grammar(tools, self.tokenizer))
+        else:
+            self.constrain(job, spec)
+        if tools is not None and tools.offered:
+            for c in job.choices:
+                c.tools = ToolCallParser(tools.fmt, tools.parallel)
+        return job
 
     def completion_requests(self, body: CompletionRequest) -> Job:
         """The engine requests of a completion (blocking: run it in a thread)."""
@@ -208,7 +250,12 @@ class OpenAIServing:
         prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in given]
         if not prompts or any(not x for x in prompts):
             raise ApiError(400, "the prompt is empty", "prompt")
+        try:
+            spec = grammar_spec(body)
+        except GrammarError as e:
+            raise ApiError(400, str(e), e.param) from None
         job = self._requests(body, prompts, body.max_tokens, 16, body.logprobs, "cmpl", body.echo)
+        self.constrain(job, spec)
         if body.echo:
             texts = [x if isinstance(x, str) else self.tokenizer.decode(x, skip_special_tokens=True) for x in given]
             for c in job.choices:
@@ -262,91 +309,3 @@ class OpenAIServing:
     @staticmethod
     def _fail(out: RequestOutput) -> ApiError:
         return ApiError(500, f"generation failed: {out.error}", None, "generation_failed")
-
-
-def _update(choice: Choice, out: RequestOutput) -> None:
-    choice.text += out.text
-    choice.completion_tokens = out.completion_tokens
-    choice.prompt_tokens, choice.cached_tokens = out.prompt_tokens, out.cached_tokens
-    if out.finished:
-        choice.finish_reason = out.finish_reason
-
-
-async def _completion_part(serving: OpenAIServing, job: Job, c: Choice, out: RequestOutput) -> tuple[str, dict | None]:
-    """The text and logprobs object that one output adds to a completion choice; the first output
-    of an echoing choice brings the prompt (and the prompt's logprobs) before its own."""
-    lp = serving.completion_logprobs(out.logprobs, len(c.echo) + len(c.text)) if job.logprobs else None
-    text, first = out.text, not c.started
-    c.started = True
-    if first and job.echo:
-        text = c.echo + text
-        if job.logprobs:   # decoding every prompt token's alternatives is blocking work
-            head = await to_thread.run_sync(serving.completion_logprobs, out.prompt_logprobs or [], 0)
-            lp = {k: head[k] + lp[k] for k in lp}
-    return text, lp
-
-
-async def collect(serving: OpenAIServing, job: Job, stream, chat: bool) -> dict:
-    """Run a request to the end and build the whole response object."""
-    lps: dict[int, list] = {c.index: [] for c in job.choices}
-    comp_lps = {c.index: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                for c in job.choices}
-    async for out in stream:
-        if out.finish_reason == "error":
-            raise serving._fail(out)
-        c = job.choice(out)
-        if chat and out.logprobs:
-            lps[c.index] += serving.chat_logprobs(out)
-        elif not chat:
-            _, part = await _completion_part(serving, job, c, out)
-            for k, v in (part or {}).items():
-                comp_lps[c.index][k] += v
-        _update(c, out)
-    head = {"id": job.api_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": serving.model_name}
-    if chat:
-        body = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                 "logprobs": {"content": lps[c.index]} if job.logprobs else None, "finish_reason": c.finish_reason}
-                for c in job.choices]
-    else:
-        body = [{"index": c.index, "text": c.echo + c.text, "logprobs": comp_lps[c.index] if job.logprobs else None,
-                 "finish_reason": c.finish_reason} for c in job.choices]
-    return {**head, "choices": body, "usage": serving.usage(job.choices)}
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def sse_events(serving: OpenAIServing, job: Job, stream, chat: bool, include_usage: bool):
-    """The server-sent events of a streamed response (the caller closes the stream)."""
-    head = {"id": job.api_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": serving.model_name}
-
-    def chunk(choice_objs):
-        return _sse({**head, "choices": choice_objs, **({"usage": None} if include_usage else {})})
-
-    if chat:  # the role comes first, as OpenAI sends it
-        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for c in job.choices])
-    async for out in stream:
-        if out.finish_reason == "error":
-            yield _sse(serving._fail(out).body())
-            break
-        c = job.choice(out)
-        if chat:
-            _update(c, out)
-            if not (out.text or out.logprobs or out.finished):
-                continue
-            lp = {"content": serving.chat_logprobs(out)} if job.logprobs else None
-            delta = {"content": out.text} if out.text else {}
-            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}])
-        else:
-            text, lp = await _completion_part(serving, job, c, out)
-            _update(c, out)
-            if text or out.logprobs or out.finished:
-                yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}])
-    else:
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": serving.usage(job.choices)})
-    yield "data: [DONE]\n\n"

@@ -2,7 +2,10 @@
 
 Unknown fields are ignored, as OpenAI clients and agent frameworks send many; the fields below
 are the ones reft honours. Beyond OpenAI's own: top_k, min_p, repetition_penalty,
-stop_token_ids and ignore_eos (vLLM's names and meanings).
+stop_token_ids and ignore_eos (vLLM's names and meanings); structured output through
+response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and
+structured_outputs, and llama-server's grammar and json_schema (structured.py reads them);
+tools, tool_choice and parallel_tool_calls on chat (tools.py).
 
 Types are strict, as OpenAI's are: `"max_tokens": "3"` or `"stream": "yes"` is a 400, not
 coerced; an int is accepted where a float is expected (`"temperature": 1`). A string holding a
@@ -56,6 +59,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` object (the newer spelling of its guided_* fields)."""
+    json_: dict | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_Body):
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -74,6 +98,15 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured output (one of these at most; structured.py)
+    response_format: ResponseFormat | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
+    grammar: StrictStr | None = None          # llama-server: GBNF (or Lark)
+    json_schema: dict | None = None           # llama-server
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -87,19 +120,57 @@ class TextPart(_Body):
     text: StrictStr
 
 
+class FunctionCall(_Body):
+    name: StrictStr
+    arguments: StrictStr | dict = "{}"    # OpenAI sends a JSON string; some clients an object
+
+
+class ToolCall(_Body):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None     # assistant turns that called tools
+    tool_call_id: StrictStr | None = None        # a tool's result: the call it answers
 
-    def as_template_dict(self) -> dict:
+    @property
+    def text(self) -> str:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
-        out = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return content or ""
+
+    def as_template_dict(self) -> dict:
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
         if self.name is not None:
             out["name"] = self.name
         return out
+
+
+class FunctionDef(_Body):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -108,6 +179,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling):
@@ -120,6 +194,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -15,7 +15,7 @@ from ...errors import ReftError
 from ..base import BackendOptions, WeightLayout
 from ..registry import register
 from .compile import build_library, render, rename_exports
-from .lower import PACKED, lower, pack, packed_shape
+from .lower import PACKED, choose_layouts, lower, pack, packed_shape
 from .targets import get as get_target, host_target
 
 
@@ -53,7 +53,8 @@ class CpuBackend:
         """Lower, render and compile every entry graph into one library; returns the manifest record."""
         target = self.target(options)
         plans = memory_plans or {}
-        lows = {e: lower(g, options.max_batch_tokens, target, plans.get(e)) for e, g in graphs.items()}
+        shared = choose_layouts(list(graphs.values()))   # one layout per weight for every entry
+        lows = {e: lower(g, options.max_batch_tokens, target, plans.get(e), shared) for e, g in graphs.items()}
         sources = [render(low, e, target) if i == 0 else rename_exports(render(low, e, target), e)
                    for i, (e, low) in enumerate(lows.items())]
         srcs, lib = build_library(sources, target, kernels_dir)

@@ -22,6 +22,8 @@ from .targets import compile_flags, compiler_prefix, get as get_target
 TEMPLATES = Path(__file__).parent / "templates"
 HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h",
            "optim.h"]
+# headers included only where an entry's graph uses them (Lowered.headers): the training ops
+TRAIN_HEADERS = ["grad.h", "attention_grad.h", "loss.h"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
 
 
@@ -31,7 +33,7 @@ def render(low: Lowered, entry: str, target: str) -> str:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("forward.cpp.j2").render(
         version=__version__, entry=entry, target=get_target(target).describe(), tuning=get_target(target).tuning,
-        headers=HEADERS, constants=low.constants,
+        headers=HEADERS + [h for h in TRAIN_HEADERS if h in low.headers], constants=low.constants,
         scratch_floats=low.scratch_floats, symbols=low.symbols, calls=low.calls)
 
 

@@ -4,6 +4,13 @@ Each node becomes one `Call` record (kernel name, template arguments, call argum
 the declarations it needs); the template forward.cpp.j2 only prints them. Buffers are
 C++ expressions: graph inputs `in[i]`, weights `P[j]`, activations `arena + offset` from
 the memory plan (views and KV-cache writes alias their source buffer).
+
+Weight layout (choose_layouts, over every entry graph of a plan): a float matrix is packed when
+every reader understands the packed layout; one that a backward op or the optimizer also reads
+stays row-major and the matmul kernels see it as `rowmajor<T>` (linear.h). Backward and loss ops
+(training) add their headers to the source (Lowered.headers); their cross-thread reductions use
+thread 0's scratch as a shared buffer between two calls, and the cross-entropy tiles are
+CE_ROWS x CE_VOCAB.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ RB = 8                  # rows of a packed weight block (templates/linear.h)
 PACKED_READERS = ops.registry.quantized_weight_inputs()
 PACKED = "rows8x16"
 NORM_BLOCK = 8192       # values per block of the gradient-norm sum (templates/optim.h)
+RMS_GRAD_BLOCK = 32     # rows per block of rms_norm_grad's dw shares (templates/grad.h)
+CE_ROWS, CE_VOCAB = 128, 1024   # token rows x vocabulary rows of one cross-entropy logits tile (templates/loss.h)
 ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position")
 
@@ -57,6 +66,7 @@ class Lowered:
     arena_bytes: int
     scratch_floats: int
     layouts: dict[str, str]          # weight name -> physical layout (absent: row-major as in the IR)
+    headers: list[str] = field(default_factory=list)   # kernel headers beyond compile.HEADERS (training ops)
 
 
 def expr(dims) -> str:
@@ -70,7 +80,8 @@ def strides(shape) -> list[str]:
 
 
 class Lowering:
-    def __init__(self, graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None):
+    def __init__(self, graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None,
+                 layouts: dict[str, str] | None = None):
         self.g = graph
         self.max_tokens = max_tokens
         self.tune = get_target(target).tuning   # the #defines the kernels are compiled with
@@ -81,30 +92,27 @@ class Lowering:
         self.calls: list[Call] = []
         self.constants: list[dict] = []
         self.scratch = 64
+        self.headers: list[str] = []
         self._const_ids: dict[tuple, str] = {}
-        self.layouts = self._choose_layouts()
+        # weights shared with other entry points of the plan are laid out for all of them (choose_layouts)
+        self.layouts = choose_layouts([graph]) if layouts is None else {
+            k: v for k, v in layouts.items() if k in set(self.params)}
         syms = {d for n in graph.inputs() for d in n.out.shape if isinstance(d, str)}
         self.symbols = [s for s in SYMBOL_ORDER if s in syms] + sorted(syms - set(SYMBOL_ORDER))
-
-    def _choose_layouts(self) -> dict[str, str]:
-        """Pack a weight matrix when every op reading it understands the packed layout."""
-        readers: dict[str, list[bool]] = {}
-        for n in self.g.nodes:
-            for i, v in enumerate(n.inputs):
-                if v.node.op == "param":
-                    ok = PACKED_READERS.get(n.op) == i and v.type.rank == 2 and v.dtype in ("float32", "float16", "bfloat16")
-                    readers.setdefault(v.node.name, []).append(ok)
-        return {name: PACKED for name, oks in readers.items() if all(oks)}
 
     def packed(self, v: Value) -> bool:
         return v.node.op == "param" and self.layouts.get(v.node.name) == PACKED
 
-    def require_packed(self, n: Node, v: Value) -> None:
-        """Float weight matrices are read packed; quantized ones in their own block rows."""
-        if v.type.quantized and v.node.op == "param":
-            return
-        if not self.packed(v):
-            raise Unsupported(f"cpu backend: {n.op} needs its weight as a packable graph weight")
+    def weight(self, n: Node, v: Value) -> tuple[str, str]:
+        """(C++ weight type, pointer) of a matmul's weight: packed float weights and quantized ones
+        (in their own block rows) as their dtype; any other float matrix (a weight that a backward op
+        or the optimizer also reads, in training plans) as the row-major tag type rowmajor<T>."""
+        if (v.type.quantized and v.node.op == "param") or self.packed(v):
+            return ct(v.dtype), self.ptr(v)
+        if v.type.quantized or v.dtype not in ("float32", "float16", "bfloat16"):
+            raise Unsupported(f"cpu backend: {n.op} reads a {v.dtype} weight that is not a graph weight")
+        t = f"rowmajor<{ct(v.dtype)}>"
+        return t, self.ptr(v).replace(f"const {ct(v.dtype)}*", f"const {t}*", 1)
 
     # -- buffers -----------------------------------------------------------------------
     def ptr(self, v: Value, const: bool = True) -> str:
@@ -155,7 +163,7 @@ class Lowering:
             else:
                 raise Unsupported(f"cpu backend: output {name} is a weight; outputs must be computed")
         return Lowered(self.symbols, self.inputs, self.params, outputs, self.calls, self.constants,
-                       self.plan.arena_bytes, self.scratch, self.layouts)
+                       self.plan.arena_bytes, self.scratch, self.layouts, self.headers)
 
     def _where(self, n: Node) -> str:
         names = [v.node.name for v in n.inputs if v.node.op == "param"]
@@ -189,24 +197,23 @@ class Lowering:
     def op_linear(self, n: Node):
         x, w = n.inputs[:2]
         self._f32_activation(n, x, *n.inputs[2:])
-        self.require_packed(n, w)
+        wt, wp = self.weight(n, w)
         K, N = w.shape[1], w.shape[0]
         self._linear_scratch(w, K)
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
-        self.emit("k_linear", [ct(w.dtype), K, N], [self.ptr(x), self.rows(x), self.ptr(w), b, self.out(n.out), "scr"])
+        self.emit("k_linear", [wt, K, N], [self.ptr(x), self.rows(x), wp, b, self.out(n.out), "scr"])
 
     def op_linear_glu(self, n: Node):
         x, w = n.inputs[:2]
         self._f32_activation(n, x, *n.inputs[2:])
-        self.require_packed(n, w)
+        wt, wp = self.weight(n, w)
         K, F = w.shape[1], w.shape[0] // 2
         chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
         self.need_scratch(2 * max(self.max_tokens * chunk, gemv_t * F) + chunk * K
                           + self._act_scratch(w, K))
         b = self.ptr(n.inputs[2]) if len(n.inputs) == 3 else "(const float*)0"
         act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
-        self.emit("k_linear_glu", [ct(w.dtype), K, F, act], [self.ptr(x), self.rows(x), self.ptr(w), b,
-                                                               self.out(n.out), "scr"])
+        self.emit("k_linear_glu", [wt, K, F, act], [self.ptr(x), self.rows(x), wp, b, self.out(n.out), "scr"])
 
     def op_qkv_rope(self, n: Node):
         a = A(n)
@@ -223,7 +230,7 @@ class Lowering:
                 if v.dtype != "float32":
                     raise Unsupported("cpu backend: q/k norm weights must be float32")
         self._f32_activation(n, x, *([n.inputs[2]] if a["bias"] else []))
-        self.require_packed(n, w)
+        wt, wp = self.weight(n, w)
         H, Hkv, D, rot = a["heads"], a["kv_heads"], a["head_dim"], a["rotary_dim"]
         K = w.shape[1]
         chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
@@ -231,8 +238,8 @@ class Lowering:
                           + max(chunk, D) * K + self._act_scratch(w, K))
         inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
         q, k, v = (self.out(o) for o in n.outputs)
-        self.emit("k_qkv_rope", [ct(w.dtype), ct(pos.dtype), K, H, Hkv, D, rot],
-                  [self.ptr(x), expr(x.shape[:1]), self.ptr(w), b, self.ptr(pos), qn, kn, f"{float(a['eps']).hex()}f",
+        self.emit("k_qkv_rope", [wt, ct(pos.dtype), K, H, Hkv, D, rot],
+                  [self.ptr(x), expr(x.shape[:1]), wp, b, self.ptr(pos), qn, kn, f"{float(a['eps']).hex()}f",
                    inv, q, k, v, "scr"])
 
     def op_rms_norm(self, n: Node):
@@ -320,6 +327,137 @@ class Lowering:
                   [self.out(n.outputs[0]), self.ptr(g), self.out(n.outputs[1]), self.out(n.outputs[2]),
                    expr(p.shape), self.ptr(lr), self.ptr(step), sumsq,
                    *(float(a[k]).hex() for k in ("beta1", "beta2", "eps", "weight_decay", "max_norm"))])
+
+    # -- backward and loss ops (templates/grad.h, attention_grad.h, loss.h) ------------------------
+    def _train(self, n: Node, *headers: str) -> None:
+        """Backward ops read and write float32 activations; their kernels' headers join the source."""
+        for h in ("grad.h", *headers):
+            if h not in self.headers:
+                self.headers.append(h)
+
+    def op_zeros_like(self, n: Node):
+        self._train(n)
+        self.emit("k_zero_bytes", [], [f"(char*){self.out(n.out)}", f"{expr(n.out.shape)}*{_size(n.out.dtype)}"])
+
+    def op_sum_rows(self, n: Node):
+        self._train(n)
+        x = n.inputs[0]
+        C = expr(x.shape[1:])
+        self.need_scratch(self.bound_numel(n, n.out))
+        self.emit("k_sum_rows", [ct(x.dtype)], [self.ptr(x), expr(x.shape[:1]), C, self.out(n.out), "scr"])
+
+    def op_scatter_rows(self, n: Node):
+        self._train(n)
+        base, rows, src = n.inputs
+        self.emit("k_scatter_rows", [ct(base.dtype), ct(rows.dtype)],
+                  [self.ptr(base), expr(base.shape[:1]), self.ptr(rows), expr(rows.shape), self.ptr(src),
+                   expr(base.shape[1:]), self.out(n.out)])
+
+    def op_linear_grad_input(self, n: Node):
+        self._train(n)
+        dy, w = n.inputs
+        N, K = w.shape
+        if w.dtype != "float32":
+            self.need_scratch(self.tune["GEMM_CHUNK"] * K)
+        self.emit("k_linear_grad_input", [ct(w.dtype)], [self.ptr(dy), self.rows(dy), N, self.ptr(w), K,
+                                                          self.out(n.out), "scr"])
+
+    def op_linear_grad_weight(self, n: Node):
+        self._train(n)
+        dy, x = n.inputs
+        self.emit("k_linear_grad_weight", [], [self.ptr(dy), expr(dy.shape[:1]), dy.shape[1], self.ptr(x),
+                                               x.shape[1], self.out(n.out)])
+
+    def op_rms_norm_grad(self, n: Node):
+        """Two calls: dx and per-block shares of dw into shared scratch, then their fold."""
+        self._train(n)
+        dy, x, w = n.inputs
+        D = x.shape[-1]
+        rows = self.bound_numel(n, x) // D
+        self.need_scratch(-(-rows // RMS_GRAD_BLOCK) * D)
+        dx, dw = (self.out(o) for o in n.outputs)
+        eps = f"{float(A(n)['eps']).hex()}f"
+        self.emit("k_rms_norm_grad", [ct(w.dtype), RMS_GRAD_BLOCK],
+                  [self.ptr(dy), self.ptr(x), self.ptr(w), self.rows(x), D, eps, dx, "scratch"],
+                  comment="dx, dw shares")
+        self.emit("k_rms_norm_grad_fold", [RMS_GRAD_BLOCK], ["scratch", self.rows(x), D, dw], comment="dw")
+
+    def op_rope_grad(self, n: Node):
+        self._train(n)
+        dy, pos = n.inputs
+        a = A(n)
+        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        self.emit("k_rope_grad", [ct(pos.dtype), dy.shape[1], dy.shape[2], a["rotary_dim"]],
+                  [self.ptr(dy), self.ptr(pos), expr(dy.shape[:1]), inv, self.out(n.out)])
+
+    def op_silu_grad(self, n: Node):
+        self._train(n)
+        self.emit("k_act_grad", [0], [self.ptr(n.inputs[0]), self.ptr(n.inputs[1]), expr(n.out.shape), self.out(n.out)])
+
+    def op_gelu_tanh_grad(self, n: Node):
+        self._train(n)
+        self.emit("k_act_grad", [1], [self.ptr(n.inputs[0]), self.ptr(n.inputs[1]), expr(n.out.shape), self.out(n.out)])
+
+    def op_softmax_grad(self, n: Node):
+        self._train(n)
+        dy, y = n.inputs
+        self.emit("k_softmax_grad", [], [self.ptr(dy), self.ptr(y), self.rows(y), y.shape[-1], self.out(n.out)])
+
+    def op_glu_grad(self, n: Node):
+        self._train(n)
+        dh, y = n.inputs
+        act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
+        self.emit("k_glu_grad", [act], [self.ptr(dh), self.ptr(y), self.rows(dh), dh.shape[-1], self.out(n.out)])
+
+    def op_causal_attention_grad(self, n: Node):
+        """Two calls: dq (and each row's logsumexp and Delta into shared scratch), then dk, dv."""
+        self._train(n, "attention_grad.h")
+        dout, q, k, v, out, pos, sid = n.inputs
+        if pos.dtype != sid.dtype:
+            raise Unsupported("cpu backend: causal_attention_grad needs positions and seq_ids of one dtype")
+        H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+        self.need_scratch(2 * self.max_tokens * H)
+        a = A(n)
+        targs = [ct(pos.dtype), H, Hkv, D]
+        common = [self.ptr(dout), self.ptr(q), self.ptr(k), self.ptr(v)]
+        rest = [self.ptr(pos), self.ptr(sid), expr(q.shape[:1]), f"{float(a['scale']).hex()}f", a["sliding_window"]]
+        dq, dk, dv = (self.out(o) for o in n.outputs)
+        self.emit("k_attention_grad_q", targs, [*common, self.ptr(out), *rest, dq, "scratch"], comment="dq")
+        self.emit("k_attention_grad_kv", targs, [*common, *rest, "scratch", dk, dv], comment="dk, dv")
+
+    def _cross_entropy(self, n: Node) -> tuple[list, list]:
+        x, head, targets = n.inputs[:3]
+        if head.type.quantized:
+            raise Unsupported("cpu backend: the cross-entropy head must be a float matrix")
+        T, (V, D) = expr(x.shape[:1]), head.shape
+        return ([ct(head.dtype), ct(targets.dtype), CE_ROWS, CE_VOCAB],
+                [self.ptr(x), T, D, self.ptr(head), V, self.ptr(targets), int(A(n)["ignore_index"])])
+
+    def op_linear_cross_entropy(self, n: Node):
+        """Two calls: lse and per-row losses (shared scratch [T]), then the loss, their scaled sum."""
+        self._train(n, "loss.h")
+        targs, args = self._cross_entropy(n)
+        D, m = n.inputs[1].shape[1], self.max_tokens
+        self.need_scratch(m + CE_ROWS * CE_VOCAB + CE_VOCAB * D + 3 * CE_ROWS)
+        loss, lse = (self.out(o) for o in n.outputs)
+        self.emit("k_linear_cross_entropy", targs, [*args, lse, "scratch", f"scr + {m}"], comment="lse, row losses")
+        self.emit("k_cross_entropy_sum", [], ["scratch", expr(n.inputs[0].shape[:1]), self.ptr(n.inputs[3]), loss],
+                  comment="loss")
+
+    def op_linear_cross_entropy_grad(self, n: Node):
+        """Two calls: dhead and each thread's share of dx (in its own scratch), then dx, the shares' sum."""
+        self._train(n, "loss.h")
+        targs, args = self._cross_entropy(n)
+        scale, lse = n.inputs[3:5]
+        dloss = self.ptr(n.inputs[5]) if len(n.inputs) == 6 else "(const float*)0"
+        D, part = n.inputs[1].shape[1], self.max_tokens * n.inputs[1].shape[1]
+        self.need_scratch(part + CE_ROWS * CE_VOCAB + CE_VOCAB * D)
+        dx, dhead = (self.out(o) for o in n.outputs)
+        self.emit("k_linear_cross_entropy_grad", targs, [*args, self.ptr(scale), self.ptr(lse), dloss, dhead, "scr",
+                                                         f"scr + {part}"], comment="dhead, shares of dx")
+        # the shares sit at the start of every thread's scratch, reft_scratch_floats() apart
+        self.emit("k_cross_entropy_dx", [], ["scratch", "reft_scratch_floats()", expr(n.inputs[0].shape[:1]), D, dx],
+                  comment="dx")
 
     def _binary(self, n: Node, code: str):
         x, y = n.inputs
@@ -443,5 +581,20 @@ def packed_shape(shape) -> tuple:
     return (-(-N // RB), -(-K // 16), RB, 16)
 
 
-def lower(graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None) -> Lowered:
-    return Lowering(graph, max_tokens, target, plan).run()
+def choose_layouts(graphs: list[Graph]) -> dict[str, str]:
+    """Pack a weight matrix when every op reading it, in every graph, understands the packed layout
+    (a weight that a backward op or the optimizer also reads stays row-major in every entry point)."""
+    readers: dict[str, list[bool]] = {}
+    for g in graphs:
+        for n in g.nodes:
+            for i, v in enumerate(n.inputs):
+                if v.node.op == "param":
+                    ok = (PACKED_READERS.get(n.op) == i and v.type.rank == 2
+                          and v.dtype in ("float32", "float16", "bfloat16"))
+                    readers.setdefault(v.node.name, []).append(ok)
+    return {name: PACKED for name, oks in readers.items() if all(oks)}
+
+
+def lower(graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None,
+          layouts: dict[str, str] | None = None) -> Lowered:
+    return Lowering(graph, max_tokens, target, plan, layouts).run()

@@ -106,6 +106,7 @@ class CpuExecutable(HostBuffers):
         self.threads = threads or physical_cores()
         self.max_tokens = int(max_tokens)
         self.weights = weights
+        self.layouts = dict(record.get("layouts", {}))   # weight -> physical layout, where not row-major
         self.entries = {e: Entry(self.lib, graphs[e], rec, weights, self.threads) for e, rec in entries.items()}
 
     def run(self, feeds, entry: str = "forward") -> dict[str, np.ndarray]:
@@ -125,6 +126,18 @@ class CpuExecutable(HostBuffers):
                 continue
             count = int(np.prod(shp, dtype=np.int64))
             out[name] = np.frombuffer(ep.arena, dtype=np_dtype(dtype), count=count, offset=off).reshape(shp).copy()
+        return out
+
+    def read_weights(self, names) -> dict[str, np.ndarray]:
+        """Copies of weights in the IR's layout: those kept row-major (every weight an entry writes is;
+        see lower.choose_layouts); a packed weight is refused rather than returned in another layout."""
+        params = {n.name: n.out.type for g in self.graphs.values() for n in g.params()}
+        out = {}
+        for name in names:
+            if name in self.layouts:
+                raise PlanError(f"weight {name} is stored {self.layouts[name]}, not in the IR's layout")
+            t = params[name]
+            out[name] = self.weights.array(name, np_dtype(t.dtype), t.shape).copy()
         return out
 
     @classmethod

@@ -18,6 +18,7 @@ from ..registry import register
 
 class ReferenceExecutable(HostBuffers):
     def __init__(self, graphs: Mapping, weights):
+        self.weights = weights
         self.executors = {e: ReferenceExecutor(g, weights) for e, g in graphs.items()}
 
     @property
@@ -26,6 +27,9 @@ class ReferenceExecutable(HostBuffers):
 
     def run(self, feeds, entry: str = "forward"):
         return self.executors[entry].run(feeds)
+
+    def read_weights(self, names) -> dict[str, np.ndarray]:
+        return {n: np.array(self.weights[n]) for n in names}
 
 
 class ReferenceBackend:

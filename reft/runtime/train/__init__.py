@@ -8,4 +8,7 @@
                    seq_ids, targets), split_eval
   checkpoint.py    HF-layout model folders, trainer state, CheckpointDir (atomic saves, save_total_limit)
   lora_adapter.py  PEFT LoRA adapters: write, read, merge
+  options.py       TrainArgs (every `reft train` option), freeze layer choice, what a resume must match
+  trainer.py       Trainer: compile the train plan, run steps (grad accumulation, eval, metrics.jsonl),
+                   save and resume checkpoints
 """

@@ -158,6 +158,36 @@ static const float* rows_f32(const WT* W, int64_t K, int64_t r0, int64_t n, floa
     return buf;
 }
 
+// Row-major weights [N, K] (training plans: a weight the optimizer writes in place, or that a
+// backward op reads, is not packed). The kernels see the tag type rowmajor<WT> (a WT in memory) and
+// matmul_rows sends it here: up to GEMV_MAX_T tokens a dot per (token, row); above, float32 rows go
+// straight to the sgemm and other dtypes are converted GEMM_CHUNK rows at a time.
+template <typename WT> struct rowmajor { WT v; };
+template <typename T> struct is_rowmajor { static constexpr bool value = false; };
+template <typename WT> struct is_rowmajor<rowmajor<WT>> { static constexpr bool value = true; };
+
+template <typename WT>
+static void rm_matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
+                           int64_t ldy, float* scratch) {
+    if (T <= GEMV_MAX_T) {
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t r = r0; r < r1; r++) y[t * ldy + r - r0] = dot<WT>(x + t * K, W + r * K, K);
+        return;
+    }
+    if constexpr (std::is_same<WT, float>::value) {
+        gemm_f32(x, T, K, W + r0 * K, r1 - r0, y, ldy);
+    } else {
+        for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
+            const int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
+            for (int64_t i = 0; i < n * K; i += VW) {
+                if (n * K - i >= VW) vstore(scratch + i, vload_w(W + c * K + i));
+                else for (int64_t j = i; j < n * K; j++) scratch[j] = ld(W[c * K + j]);
+            }
+            gemm_f32(x, T, K, scratch, n, y + (c - r0), ldy);
+        }
+    }
+}
+
 // y[:, 0 : r1 - r0] = x . W[r0:r1]^T, by GEMV or by chunked GEMM. `ready`: an earlier call of the
 // same kernel with the same x and scratch has already prepared x (quantized weights round the
 // activations once per kernel call, not once per chunk of rows)
@@ -166,6 +196,8 @@ static void matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64
                         int64_t ldy, float* scratch, bool ready = false) {
     if constexpr (is_quant<WT>::value) {   // block-quantized weights: quant.h
         qmatmul_rows<WT>(x, T, K, W, r0, r1, y, ldy, scratch, ready);
+    } else if constexpr (is_rowmajor<WT>::value) {   // row-major weights (training plans): above
+        rm_matmul_rows(x, T, K, &W->v, r0, r1, y, ldy, scratch);
     } else {
         if (T <= GEMV_MAX_T) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
         for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
