@@ -14,27 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_tiny import CASES, make_model
+from hf_tiny import CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import matmul_cases
 from test_cpu_ops import as_f32, build
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "models"))
-from test_train_grads import batch, pretrain_batch, sft_batch, tokens  # noqa: E402
+from test_train_grads import batch, pretrain_batch, sft_batch, tokens, train_model  # noqa: E402
 
 from reft import backends  # noqa: E402
 from reft.backends.cpu import compile_graph  # noqa: E402
 from reft.backends.cpu.lower import CE_ROWS, CE_VOCAB, RMS_GRAD_BLOCK, lower  # noqa: E402
 from reft.backends.cpu.targets import host_target  # noqa: E402
-from reft.frontends.architectures import find_family  # noqa: E402
-from reft.frontends.config import load_hf_config  # noqa: E402
 from reft.ir import GraphBuilder  # noqa: E402
 from reft.ir.interpret import ReferenceExecutor  # noqa: E402
 from reft.ir.types import np_dtype  # noqa: E402
 from reft.passes.add_optimizer import LR, NORM, STEP, AdamW, add_optimizer, written_params  # noqa: E402
 from reft.passes.context import PassContext, WeightStore  # noqa: E402
-from reft.passes.differentiate import build_train_graph  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not backends.get("cpu").available(), reason="no C++ compiler")
 THREADS = 2
@@ -44,11 +41,7 @@ MAX_TOKENS = 96
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     """(name, train graph, its weights, the compiled cpu executable)."""
-    model_dir, hf = make_model(request.param, tmp_path_factory.mktemp(request.param) / "hf")
-    hf_cfg = load_hf_config(model_dir)
-    family = find_family(hf_cfg.get("architectures"))
-    graph = build_train_graph(family, family.Config.from_hf(hf_cfg))
-    weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    _, graph, weights = train_model(request.param, tmp_path_factory)
     exe = compile_graph({"train_step": graph}, weights, tmp_path_factory.mktemp(request.param + "-cpu"),
                         max_tokens=MAX_TOKENS, threads=THREADS)
     return request.param, graph, weights, exe

@@ -24,12 +24,18 @@ IGNORE = -100
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    model_dir, hf = make_model(request.param, tmp_path_factory.mktemp(request.param) / "hf")
+    hf, graph, weights = train_model(request.param, tmp_path_factory)
+    return request.param, hf, ReferenceExecutor(graph, weights)
+
+
+def train_model(name: str, tmp_path_factory):
+    """A tiny random model of case `name`: (transformers model, its train graph, its weights)."""
+    model_dir, hf = make_model(name, tmp_path_factory.mktemp(name) / "hf")
     hf_cfg = load_hf_config(model_dir)
     family = find_family(hf_cfg.get("architectures"))
     graph = build_train_graph(family, family.Config.from_hf(hf_cfg))
     weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
-    return request.param, hf, ReferenceExecutor(graph, weights)
+    return hf, graph, weights
 
 
 def batch(seqs: list[list[int]], labels: list[list[int]]) -> dict[str, np.ndarray]:
