@@ -94,13 +94,15 @@ class Config:
         return cls(**kw)
 
 
-def rope_attrs(hf: dict, head_dim: int) -> tuple:
-    s = hf.get("rope_scaling") or {"rope_type": "default"}
+def rope_attrs(hf: dict, head_dim: int, theta: float | None = None, scaling: dict | None = None) -> tuple:
+    """The rope op's attributes from a normalised config, or from one layer type's own `theta` and
+    `scaling` (a rope_scaling dict) where a family has several."""
+    s = (hf.get("rope_scaling") if scaling is None else scaling) or {"rope_type": "default"}
     kind = s.get("rope_type", "default")
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    a = {"theta": float(hf.get("rope_theta", 10000.0)),
-         "rotary_dim": int(head_dim * hf.get("partial_rotary_factor", 1.0)), "scaling": kind}
+    a = {"theta": float(hf.get("rope_theta", 10000.0) if theta is None else theta),
+         "rotary_dim": int(head_dim * (hf.get("partial_rotary_factor") or 1.0)), "scaling": kind}
     if kind in ("linear", "llama3"):
         a["factor"] = float(s["factor"])
     if kind == "llama3":

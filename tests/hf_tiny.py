@@ -33,6 +33,27 @@ CASES = {
     # per-head q/k RMSNorm, explicit head_dim
     "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=40, num_attention_heads=8,
                                                             tie_word_embeddings=False)),
+    # (1 + w) norms before and after each sublayer, sqrt(hidden) embedding scale, GeGLU,
+    # query_pre_attn_scalar != head_dim, attention and final logit soft-capping small enough to bite,
+    # sliding layers (0 and 2) with a window shorter than the prompt, tied embeddings
+    "gemma2-softcap-window": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=24, query_pre_attn_scalar=20, sliding_window=10,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    # per-head (1 + w) q/k norms; sliding layers (window shorter than the prompt) rotating with their own
+    # base, the global layer with another base and linear scaling; final soft-capping; untied head
+    "gemma3-local-global": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+        final_logit_softcapping=4.0, tie_word_embeddings=False)),
+    # fused qkv_proj / gate_up_proj weights, partial rotary, longrope whose original context (6) every
+    # test prompt exceeds, so the long factors and the attention factor apply (the short factors:
+    # tests/models/test_longrope.py)
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=6, pad_token_id=None, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.25, 1.5, 2.0],
+                         "long_factor": [1.0, 3.0, 6.0, 12.0]})),
 }
 
 

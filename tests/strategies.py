@@ -68,6 +68,19 @@ def _unary(draw, op):
 
 
 @st.composite
+def _scale(draw):
+    rng = _rng(draw)
+    return "scale", [rand(rng, draw(shapes(1, 3)), draw(float_dtypes))], {"factor": draw(st.sampled_from([8.0, 0.3, -2.5]))}
+
+
+@st.composite
+def _softcap(draw):
+    rng = _rng(draw)
+    return "softcap", [rand(rng, draw(shapes(1, 3)), draw(float_dtypes), -20, 20)], \
+        {"cap": draw(st.sampled_from([1.0, 5.0, 30.0]))}
+
+
+@st.composite
 def _cast(draw):
     rng = _rng(draw)
     src, dst = draw(st.sampled_from(ALL_DTYPES)), draw(st.sampled_from(ALL_DTYPES))
@@ -100,7 +113,13 @@ def _rms_norm(draw):
     rng = _rng(draw)
     s = draw(shapes(1, 3))
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
-    return "rms_norm", [rand(rng, s, draw(float_dtypes)), rand(rng, (s[-1],), draw(float_dtypes))], {"eps": eps}
+    return "rms_norm", [rand(rng, s, draw(float_dtypes)), rand(rng, (s[-1],), draw(float_dtypes))], \
+        {"eps": eps, **norm_offset(draw)}
+
+
+def norm_offset(draw) -> dict:
+    """No offset attribute, or Gemma's (the norm scales by 1 + w)."""
+    return {"offset": 1.0} if draw(st.booleans()) else {}
 
 
 def rope_attrs(draw, head_dim: int) -> dict:
@@ -108,8 +127,14 @@ def rope_attrs(draw, head_dim: int) -> dict:
     that llama3's low/medium/high frequency bands all occur at small rotary dims."""
     a = {"theta": draw(st.sampled_from([10000.0, 500000.0, 100.0])),
          "rotary_dim": 2 * draw(st.integers(1, head_dim // 2))}
-    kind = draw(st.sampled_from(["default", "linear", "llama3", None]))
-    if kind == "linear":
+    kind = draw(st.sampled_from(["default", "linear", "llama3", "longrope", None]))
+    if kind == "longrope":
+        half = a["rotary_dim"] // 2
+        a.update(scaling="longrope", original_max_position=draw(st.sampled_from([4, 16])),
+                 short_factor=tuple(draw(st.lists(st.sampled_from([1.0, 1.5, 3.0]), min_size=half, max_size=half))),
+                 long_factor=tuple(draw(st.lists(st.sampled_from([1.0, 4.0, 20.0]), min_size=half, max_size=half))),
+                 attention_factor=draw(st.sampled_from([1.0, 1.3])))
+    elif kind == "linear":
         a.update(scaling="linear", factor=draw(st.sampled_from([2.0, 4.0, 0.5])))
     elif kind == "llama3":
         a.update(scaling="llama3", factor=draw(st.sampled_from([8.0, 32.0])),
@@ -120,12 +145,27 @@ def rope_attrs(draw, head_dim: int) -> dict:
     return a
 
 
+def rope_inputs(draw, rng, pos, attrs) -> list:
+    """positions, and for longrope each token's seq_extent (of the positions' dtype) on both sides
+    of the original context."""
+    if attrs.get("scaling") != "longrope":
+        return [pos]
+    return [pos, rand(rng, pos.shape, dtype_name(pos.dtype), 1, 2 * attrs["original_max_position"] + 1)]
+
+
 @st.composite
 def _rope(draw):
     rng = _rng(draw)
     T, H, D = draw(dims), draw(st.integers(1, 4)), draw(st.integers(2, 8))
     pos = rand(rng, (T,), draw(int_dtypes), 0, draw(st.sampled_from([8, 5000])))
-    return "rope", [rand(rng, (T, H, D), draw(float_dtypes)), pos], rope_attrs(draw, D)
+    a = rope_attrs(draw, D)
+    return "rope", [rand(rng, (T, H, D), draw(float_dtypes)), *rope_inputs(draw, rng, pos, a)], a
+
+
+@st.composite
+def _seq_extent(draw):
+    _, sid, pos = draw(token_batch())
+    return "seq_extent", list(_meta(draw, sid, pos)), {}
 
 
 # -- views -----------------------------------------------------------------------------
@@ -259,6 +299,8 @@ def _attn_attrs(draw, D):
     w = draw(st.integers(0, 5))
     if w or draw(st.booleans()):
         a["sliding_window"] = w
+    if draw(st.booleans()):
+        a["softcap"] = draw(st.sampled_from([0.5, 2.0, 50.0]))
     return a
 
 
@@ -315,7 +357,8 @@ def _add_rms_norm(draw):
     rng = _rng(draw)
     s, dt = draw(shapes(1, 3)), draw(float_dtypes)
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
-    return "add_rms_norm", [rand(rng, s, dt), rand(rng, s, dt), rand(rng, (s[-1],), draw(float_dtypes))], {"eps": eps}
+    return "add_rms_norm", [rand(rng, s, dt), rand(rng, s, dt), rand(rng, (s[-1],), draw(float_dtypes))], \
+        {"eps": eps, **norm_offset(draw)}
 
 
 @st.composite
@@ -339,11 +382,12 @@ def _qkv_rope(draw, tokens=dims):
     bias, norm = draw(st.booleans()), draw(st.booleans())
     if bias:
         xs.append(rand(rng, ((H + 2 * Hkv) * D,), draw(float_dtypes)))
-    xs.append(rand(rng, (T,), draw(int_dtypes), 0, draw(st.sampled_from([8, 5000]))))
+    ra = rope_attrs(draw, D)
+    xs += rope_inputs(draw, rng, rand(rng, (T,), draw(int_dtypes), 0, draw(st.sampled_from([8, 5000]))), ra)
     if norm:
         xs += [rand(rng, (D,), draw(float_dtypes), 0.5, 1.5), rand(rng, (D,), draw(float_dtypes), 0.5, 1.5)]
-    attrs = dict(rope_attrs(draw, D), heads=H, kv_heads=Hkv, head_dim=D, bias=bias, qk_norm=norm,
-                 eps=draw(st.sampled_from([1e-6, 1e-5])))
+    attrs = dict(ra, heads=H, kv_heads=Hkv, head_dim=D, bias=bias, qk_norm=norm,
+                 eps=draw(st.sampled_from([1e-6, 1e-5])), **(norm_offset(draw) if norm else {}))
     return "qkv_rope", xs, attrs
 
 
@@ -379,12 +423,15 @@ OP_CASES: dict[str, st.SearchStrategy] = {
     "mul": _binary("mul"),
     "silu": _unary("silu"),
     "gelu_tanh": _unary("gelu_tanh"),
+    "scale": _scale(),
+    "softcap": _softcap(),
     "softmax": _unary("softmax"),
     "cast": _cast(),
     "embedding": _embedding(),
     "linear": _linear(),
     "rms_norm": _rms_norm(),
     "rope": _rope(),
+    "seq_extent": _seq_extent(),
     "reshape": _reshape(),
     "transpose": _transpose(),
     "split": _split(),
@@ -447,9 +494,10 @@ _T = {0: "T"}
 SYMBOLIC_AXES = {
     "add": _broadcast_axes, "mul": _broadcast_axes,
     "silu": _lead(1), "gelu_tanh": _lead(1), "softmax": _lead(1), "cast": _lead(1),
+    "scale": _lead(1), "softcap": _lead(1), "seq_extent": _lead(2),
     "embedding": lambda xs, a: [_T, {}],
     "linear": _if_rank2, "rms_norm": _if_rank2,
-    "rope": _lead(2),
+    "rope": lambda xs, a: [_T] * len(xs),
     "reshape": _reshape_axes,
     "transpose": _lead(1),
     "split": _off_axis, "concat": _off_axis,
@@ -459,7 +507,8 @@ SYMBOLIC_AXES = {
     "paged_attention": lambda xs, a: [_T, _CACHE, _CACHE, _T, _T, _TABLE],
     "add_rms_norm": lambda xs, a: [{0: "T"} if xs[0].ndim >= 2 else {}] * 2 + [{}],
     "linear_glu": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
-    "qkv_rope": lambda xs, a: [_T, {}] + [{}] * a["bias"] + [_T] + [{}] * (2 * a["qk_norm"]),
+    "qkv_rope": lambda xs, a: [_T, {}] + [{}] * a["bias"] + [_T] * (1 + (a.get("scaling") == "longrope"))
+    + [{}] * (2 * a["qk_norm"]),
     "grad_norm_sq": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
     "adamw_update": lambda xs, a: [_T] * 4 + [{}] * (len(xs) - 4),
 }

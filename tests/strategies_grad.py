@@ -69,7 +69,8 @@ def _rms_norm_grad(draw):
     rng = _rng(draw)
     s = draw(S.shapes(1, 3))
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
-    return "rms_norm_grad", [_f(rng, s), _f(rng, s), S.rand(rng, (s[-1],), _weight_dtype(draw))], {"eps": eps}
+    return "rms_norm_grad", [_f(rng, s), _f(rng, s), S.rand(rng, (s[-1],), _weight_dtype(draw))], \
+        {"eps": eps, **S.norm_offset(draw)}
 
 
 @st.composite
@@ -77,7 +78,8 @@ def _rope_grad(draw):
     rng = _rng(draw)
     T, H, D = draw(dims), draw(st.integers(1, 4)), draw(st.integers(2, 8))
     pos = S.rand(rng, (T,), draw(S.int_dtypes), 0, draw(st.sampled_from([8, 5000])))
-    return "rope_grad", [_f(rng, (T, H, D)), pos], S.rope_attrs(draw, D)
+    a = S.rope_attrs(draw, D)
+    return "rope_grad", [_f(rng, (T, H, D)), *S.rope_inputs(draw, rng, pos, a)], a
 
 
 @st.composite
@@ -88,7 +90,8 @@ def _pair(draw, op):
     if op == "softmax_grad":                                          # y is a softmax output
         e = np.exp(y - y.max(-1, keepdims=True))
         y = (e / e.sum(-1, keepdims=True)).astype(np.float32)
-    return op, [_f(rng, s), y], {}
+    attrs = {"cap": draw(st.sampled_from([1.0, 3.0, 30.0]))} if op == "softcap_grad" else {}
+    return op, [_f(rng, s), y], attrs
 
 
 @st.composite
@@ -107,6 +110,8 @@ def _causal_attention_grad(draw):
     T = len(sid)
     q, k, v = _f(rng, (T, H, D)), _f(rng, (T, Hkv, D)), _f(rng, (T, Hkv, D))
     a = {"scale": draw(st.sampled_from([1.0 / math.sqrt(D), 1.0, 0.3])), "sliding_window": draw(st.integers(0, 3))}
+    if draw(st.booleans()):
+        a["softcap"] = draw(st.sampled_from([0.5, 2.0]))
     (out,) = S.ops.get("causal_attention").ref([q, k, v, pos, sid], a)
     return "causal_attention_grad", [_f(rng, (T, H, D)), q, k, v, out, pos, sid], a
 
@@ -123,13 +128,14 @@ def _linear_cross_entropy(draw, grad=False):
     T, D, V = draw(dims), draw(dims), draw(st.integers(1, 40))
     x, head = _f(rng, (T, D)), S.rand(rng, (V, D), _weight_dtype(draw))
     xs = [x, head, _targets(draw, rng, T, V), np.array(draw(st.sampled_from([1.0, 0.25])), np.float32)]
+    a = {"softcap": draw(st.sampled_from([1.5, 30.0]))} if draw(st.booleans()) else {}
     if not grad:
-        return "linear_cross_entropy", xs, {}
-    lse = S.ops.get("linear_cross_entropy").ref(xs, {"ignore_index": -100})[1]
+        return "linear_cross_entropy", xs, a
+    lse = S.ops.get("linear_cross_entropy").ref(xs, S.ops.get("linear_cross_entropy").full_attrs(a))[1]
     xs.append(lse)
     if draw(st.booleans()):
         xs.append(np.array(draw(st.sampled_from([1.0, -0.5, 3.0])), np.float32))
-    return "linear_cross_entropy_grad", xs, {}
+    return "linear_cross_entropy_grad", xs, a
 
 
 GRAD_OP_CASES: dict[str, st.SearchStrategy] = {
@@ -142,6 +148,7 @@ GRAD_OP_CASES: dict[str, st.SearchStrategy] = {
     "rope_grad": _rope_grad(),
     "silu_grad": _pair("silu_grad"),
     "gelu_tanh_grad": _pair("gelu_tanh_grad"),
+    "softcap_grad": _pair("softcap_grad"),
     "softmax_grad": _pair("softmax_grad"),
     "glu_grad": _glu_grad(),
     "causal_attention_grad": _causal_attention_grad(),
@@ -163,9 +170,10 @@ GRAD_SYMBOLIC_AXES = {
     "linear_grad_input": _lead_if_rank2(1),
     "linear_grad_weight": lambda xs, a: [_T, _T],
     "rms_norm_grad": lambda xs, a: [_T if xs[0].ndim >= 2 else {}] * 2 + [{}],
-    "rope_grad": lambda xs, a: [_T, _T],
+    "rope_grad": lambda xs, a: [_T] * len(xs),
     "silu_grad": lambda xs, a: [_T, _T],
     "gelu_tanh_grad": lambda xs, a: [_T, _T],
+    "softcap_grad": lambda xs, a: [_T, _T],
     "softmax_grad": lambda xs, a: [_T, _T],
     "glu_grad": lambda xs, a: [_T, _T],
     "causal_attention_grad": lambda xs, a: [_T] * 7,

@@ -79,8 +79,8 @@ def normalize_rope(cfg: dict, where: Path) -> dict:
                    for t, p in params.items()}
         cfg["rope_scaling_by_layer_type"] = by_type
         params = params.get("full_attention") or next(iter(params.values()))
-    if "partial_rotary_factor" in params:
-        cfg.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
+    if "partial_rotary_factor" in params and cfg.get("partial_rotary_factor") is None:   # transformers 5 writes null
+        cfg["partial_rotary_factor"] = params["partial_rotary_factor"]
     cfg["rope_theta"] = _theta(params.get("rope_theta", cfg.get("rope_theta")), where)
     cfg["rope_scaling"] = _scaling(params, where)
     return cfg

@@ -12,7 +12,11 @@ Notable:
 - Families opt in with three declarations beside their definition (models/llama.py):
   GGUF_ARCHITECTURES (general.architecture -> HF architecture), GGUF_TENSORS (GGUF name ->
   weight name, `{i}` = layer) and GGUF_ROPE_PERMUTED (weights whose q/k rows llama.cpp's
-  converter interleaved for its rotary layout; undone here, per head).
+  converter interleaved for its rotary layout; undone here, per head); optionally a function
+  `gguf_config(cfg) -> cfg` for what llama.cpp's loader assumes rather than reads from the file
+  (models/gemma2.py: norms stored as 1 + w, the attention scale).
+- Phi-3's longrope arrives as tensors (rope_factors_long/short.weight) plus the original context
+  and attention factor keys; it becomes the `longrope` rope_scaling of the config.
 - Quantized tensors are dequantized to float32 when read (F32/F16/BF16 stay zero-copy views);
   `source_types` records what the file held. Rows are reordered on the raw bytes, so the same
   unpermute serves a plan that keeps blocks quantized.
@@ -47,8 +51,12 @@ _HPARAMS = {"context_length": "max_position_embeddings", "embedding_length": "hi
             "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
             "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
             "attention.layer_norm_rms_epsilon": "rms_norm_eps", "attention.key_length": "head_dim",
-            "rope.freq_base": "rope_theta", "attention.sliding_window": "sliding_window"}
-_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base")
+            "rope.freq_base": "rope_theta", "attention.sliding_window": "sliding_window",
+            "rope.freq_base_swa": "rope_local_base_freq", "attn_logit_softcapping": "attn_logit_softcapping",
+            "final_logit_softcapping": "final_logit_softcapping",
+            "rope.scaling.original_context_length": "original_max_position_embeddings"}
+_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "attn_logit_softcapping",
+           "final_logit_softcapping")
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
@@ -111,23 +119,45 @@ def hf_config_from_gguf(f: GGUFFile, arch: str, family: ModuleType) -> dict:
     rot = meta.get(f"{arch}.rope.dimension_count")
     if rot and rot != head_dim:
         cfg["partial_rotary_factor"] = rot / head_dim
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, (list, np.ndarray)):        # per layer: whether it slides
+        cfg["layer_types"] = ["sliding_attention" if on else "full_attention" for on in pattern]
+    elif pattern is not None:
+        cfg["sliding_window_pattern"] = int(pattern)
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind and kind != "none":
         cfg["rope_scaling"] = {"rope_type": kind, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+    if "rope_factors_long.weight" in f.tensors:
+        cfg["rope_scaling"] = _longrope(f, meta.get(f"{arch}.rope.scaling.attn_factor"))
     if "rope_freqs.weight" in f.tensors:
         if kind and kind != "none":
             raise ModelError(f"{f.path}: rope_freqs.weight together with rope scaling {kind!r} is not supported")
         rot = int(rot or head_dim)
         cfg["rope_scaling"] = llama3_scaling_from_factors(_rope_freqs(f), float(cfg.get("rope_theta", 10000.0)), rot,
                                                           f.path)
-    return normalize_rope(cfg, f.path)
+    hook = getattr(family, "gguf_config", None)
+    return normalize_rope(hook(cfg) if hook else cfg, f.path)
+
+
+def _factors(f: GGUFFile, name: str) -> np.ndarray:
+    r = f.tensors.get(name)
+    if r is None or r.type_name not in _PLAIN:
+        raise ModelError(f"{f.path}: {name} must be a float tensor, got {r.type_name if r else 'none'}")
+    return f.raw(name).reshape(-1).view(_PLAIN[r.type_name][1]).astype(np.float64)
 
 
 def _rope_freqs(f: GGUFFile) -> np.ndarray:
-    r = f.tensors["rope_freqs.weight"]
-    if r.type_name not in _PLAIN:
-        raise ModelError(f"{f.path}: rope_freqs.weight must be a float tensor, got {r.type_name}")
-    return f.raw("rope_freqs.weight").reshape(-1).view(_PLAIN[r.type_name][1]).astype(np.float64)
+    return _factors(f, "rope_freqs.weight")
+
+
+def _longrope(f: GGUFFile, attn_factor) -> dict:
+    """Phi-3's longrope from convert_hf_to_gguf.py's rope_factors_long / _short tensors (the original
+    context is the `rope.scaling.original_context_length` key, read with the hparams)."""
+    out = {"rope_type": "longrope", "long_factor": _factors(f, "rope_factors_long.weight").tolist(),
+           "short_factor": _factors(f, "rope_factors_short.weight").tolist()}
+    if attn_factor is not None:
+        out["attention_factor"] = float(attn_factor)
+    return out
 
 
 def llama3_scaling_from_factors(freqs: np.ndarray, theta: float, rot: int, where) -> dict:

@@ -1,7 +1,8 @@
 """Turn the forward graph's logits into the training loss over every row of the batch.
 
 The forward entry ends in `take_rows(h, logit_rows)`, row-wise ops (the final RMSNorm), and
-`logits = linear(x, head)`. This pass drops the row selection (the row-wise ops now run on all T
+`logits = linear(x, head)`, optionally soft-capped (`softcap(linear(x, head))`, Gemma 2: the loss
+op's `softcap` attribute). This pass drops the row selection (the row-wise ops now run on all T
 rows), replaces the head matmul with the fused `linear_cross_entropy` (chunked over rows, the
 [T, V] logits never exist at once) and swaps the `logit_rows` input and `logits` output for:
 
@@ -26,8 +27,13 @@ ROW_WISE = frozenset({"rms_norm", "cast", "add", "mul", "silu", "gelu_tanh", "so
 
 def attach_loss(graph: Graph, ctx: PassContext) -> Graph:
     logits = graph.outputs.get("logits")
+    attrs: dict = {}
+    if logits is not None and logits.node.op == "softcap":
+        attrs["softcap"] = logits.node.attrs["cap"]
+        logits = logits.node.inputs[0]
     if logits is None or logits.node.op != "linear" or len(logits.node.inputs) != 2:
-        raise ModelError(f"graph {graph.name}: training needs a `logits` output made by linear(x, head) without bias")
+        raise ModelError(f"graph {graph.name}: training needs a `logits` output made by linear(x, head) without bias"
+                         " (optionally soft-capped)")
     x, head = logits.node.inputs
     chain = []                                     # row-wise nodes between the row selection and the head
     v = x
@@ -47,7 +53,6 @@ def attach_loss(graph: Graph, ctx: PassContext) -> Graph:
     scale = Node("input", [], {"name": "loss_scale"}, [TensorType((), "float32")])
     last_input = max(i for i, n in enumerate(graph.nodes) if n.op == "input")
     graph.nodes[last_input + 1:last_input + 1] = [targets, scale]
-    attrs: dict = {}
     loss = Node("linear_cross_entropy", [x, head, targets.out, scale.out], attrs,
                 ops.infer_types("linear_cross_entropy", [x.type, head.type, targets.out.type, scale.out.type], attrs))
     graph.nodes.append(loss)

@@ -20,7 +20,7 @@ def fuse_add_rms_norm(graph: Graph, ctx: PassContext) -> Graph:
         if not norms:
             continue
         norm = norms[0]
-        fused = make("add_rms_norm", [x, r, norm.inputs[1]], eps=norm.attrs["eps"])
+        fused = make("add_rms_norm", [x, r, norm.inputs[1]], **norm.attrs)
         replace(graph, fused, add, [(add.out, fused.outputs[0]), (norm.out, fused.outputs[1])], [add, norm])
         uses = Uses(graph)
         ctx.fused(fused, [add, norm])

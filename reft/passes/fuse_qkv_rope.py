@@ -1,8 +1,8 @@
 """Fold head split, optional q/k RMSNorm and rotary embedding into the q/k/v projection.
 
 Pattern: y = linear(x, W[, b]); q, k, v = split(y); q, k, v = reshape(.., (T, heads, D));
-[q = rms_norm(q, qn); k = rms_norm(k, kn)]; q = rope(q, pos); k = rope(k, pos)
-->  q, k, v = qkv_rope(x, W, [b], pos, [qn, kn]).
+[q = rms_norm(q, qn); k = rms_norm(k, kn)]; q = rope(q, pos[, ext]); k = rope(k, pos[, ext])
+->  q, k, v = qkv_rope(x, W, [b], pos, [ext], [qn, kn]).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _match(lin, uses):
         ends.append(n)
     if len(norms) == 1 or (norms and norms[0].attrs != norms[1].attrs):
         return None
-    if ends[0].attrs != ends[1].attrs or ends[0].inputs[1] is not ends[1].inputs[1]:
+    if ends[0].attrs != ends[1].attrs or any(a is not b for a, b in zip(ends[0].inputs[1:], ends[1].inputs[1:])):
         return None
     return chain, ends, norms, vv
 
@@ -47,12 +47,11 @@ def fuse_qkv_rope(graph: Graph, ctx: PassContext) -> Graph:
         if not m:
             continue
         chain, (rq, rk), norms, vv = m
-        pos = rq.inputs[1]
-        inputs = list(lin.inputs) + [pos] + [n.inputs[1] for n in norms]
+        inputs = list(lin.inputs) + list(rq.inputs[1:]) + [n.inputs[1] for n in norms]
         attrs = dict(rq.attrs, heads=rq.out.shape[1], kv_heads=rk.out.shape[1], head_dim=rq.out.shape[2],
                      bias=len(lin.inputs) == 3, qk_norm=bool(norms))
         if norms:
-            attrs["eps"] = norms[0].attrs["eps"]
+            attrs.update(norms[0].attrs)     # eps (and offset)
         fused = make("qkv_rope", inputs, **attrs)
         q, k, v = fused.outputs
         replace(graph, fused, lin, [(rq.out, q), (rk.out, k), (vv.out, v)], chain)

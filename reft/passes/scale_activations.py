@@ -7,6 +7,8 @@ the RMSNorm weight that produces the matmul's input, so the graph computes the s
 
     y = linear(rms_norm(h, g), W)  ==  linear(rms_norm(h, g / s), W * s)      (s per input channel)
 
+(for a norm with an offset, scaling by o + g: g becomes (o + g) / s - o)
+
 with s = mean|x|^alpha over a calibration text (alpha = 0.5, normalised to geometric mean 1).
 Option `calibration_ids` (token ids, set by the compiler) runs the float graph once on the
 reference executor to measure mean|x|. Applies to every linear fed by an rms_norm whose output
@@ -67,7 +69,12 @@ def scale_activations(graph: Graph, ctx: PassContext) -> Graph:
         mag = np.abs(acts[f"act{j}"].astype(np.float32)).reshape(-1, norm.out.shape[-1]).mean(axis=0)
         s = np.maximum(mag, 1e-5) ** ALPHA
         s = (s / np.exp(np.log(s).mean())).astype(np.float32)
-        ctx.weights.transform(norm.inputs[1].node.name, lambda g, s=s: (g.astype(np.float32) / s).astype(g.dtype))
+        o = np.float32(norm.attrs.get("offset", 0.0))
+        if o:        # a norm that scales by (o + g) (Gemma): the folded weight keeps the offset
+            ctx.weights.transform(norm.inputs[1].node.name,
+                                  lambda g, s=s, o=o: ((g.astype(np.float32) + o) / s - o).astype(g.dtype))
+        else:
+            ctx.weights.transform(norm.inputs[1].node.name, lambda g, s=s: (g.astype(np.float32) / s).astype(g.dtype))
         for lin in linears:
             ctx.weights.transform(lin.inputs[1].node.name, lambda w, s=s: (w.astype(np.float32) * s).astype(w.dtype))
         ctx.count("scaled", len(linears))

@@ -1,12 +1,14 @@
-"""A model definition outside the package (`--model-def docs/examples/phi3.py`) against
-transformers' Phi3ForCausalLM on a tiny random-weight checkpoint, through compile_model + Engine.
+"""A model definition given as a file (`--model-def models/phi3.py`: the shipped Phi-3 family needs
+no imports, so its file is also a valid --model-def) against transformers' Phi3ForCausalLM on a tiny
+random-weight checkpoint, through compile_model + Engine.
 
-Also: without the definition the same folder is an unsupported architecture, and a definition
-file that lacks `build` is rejected, both as a one-line ModelError.
+Also: a folder whose architecture reft does not ship is refused without a definition, and a
+definition file that lacks `build` is rejected, both as a one-line ModelError.
 """
 from __future__ import annotations
 from paths import STORIES_HF
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from reft.runtime.generate import GenerationRequest, generate  # noqa: E402
 from reft.runtime.sampler import SamplingParams  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-PHI3_DEF = REPO / "docs" / "examples" / "phi3.py"
+PHI3_DEF = REPO / "models" / "phi3.py"
 TOKENIZER_DIR = Path(str(STORIES_HF))
 VOCAB, PROMPT_LEN, NEW_TOKENS = 512, 32, 16
 
@@ -102,14 +104,21 @@ def test_plan_records_the_split_projections(phi3):
 
 
 def test_unshipped_architecture_without_model_def(phi3, tmp_path):
+    """The same checkpoint under an architecture name reft does not ship."""
     _, folder, _ = phi3
+    renamed = tmp_path / "renamed"
+    shutil.copytree(folder, renamed)
+    cfg = json.loads((renamed / "config.json").read_text())
+    cfg["architectures"] = ["MyPhi3ForCausalLM"]
+    (renamed / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError) as e:
-        compile_model(folder, tmp_path / "plan", progress=False)
+        compile_model(renamed, tmp_path / "plan", progress=False)
     msg = str(e.value)
-    assert "Phi3ForCausalLM" in msg
-    assert "supported:" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert "MyPhi3ForCausalLM" in msg
+    assert "supported:" in msg and "LlamaForCausalLM" in msg and "Phi3ForCausalLM" in msg
     assert "--model-def" in msg
     assert not (tmp_path / "plan").exists()
+    assert compile_model(renamed, tmp_path / "plan", model_def=PHI3_DEF, backend="reference", progress=False).is_dir()
 
 
 def test_model_def_without_build(phi3, tmp_path):

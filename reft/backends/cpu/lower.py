@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import PlanError
 from ...ir import Graph, Node, Value, ops
-from ...ir.ops.nn import rope_inv_freq
+from ...ir.ops.nn import ROPE_DEFAULTS, rope_inv_freq
 from ...ir.quantized import rounds_activations
 from ...passes.plan_memory import MemoryPlan, plan_memory
 from .targets import get as get_target
@@ -38,8 +38,7 @@ PACKED = "rows8x16"
 NORM_BLOCK = 8192       # values per block of the gradient-norm sum (templates/optim.h)
 RMS_GRAD_BLOCK = 32     # rows per block of rms_norm_grad's dw shares (templates/grad.h)
 CE_ROWS, CE_VOCAB = 128, 1024   # token rows x vocabulary rows of one cross-entropy logits tile (templates/loss.h)
-ROPE_KEYS = ("theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
-             "original_max_position")
+ROPE_KEYS = ("theta", "rotary_dim", *ROPE_DEFAULTS)
 
 
 class Unsupported(PlanError):
@@ -141,6 +140,17 @@ class Lowering:
     def need_scratch(self, floats: int) -> None:
         self.scratch = max(self.scratch, int(floats) + 64)
 
+    def rope_tables(self, a: dict, ext: Value | None) -> tuple[str, list]:
+        """The rope's frequency table and, for longrope, the trailing LongRope<IT> argument (the long
+        factors' table, each token's seq_extent, the original context, the cos/sin scale)."""
+        ra = {k: a[k] for k in ROPE_KEYS}
+        inv = self.const_array(rope_inv_freq(ra), "inv_freq")
+        if a["scaling"] != "longrope":
+            return inv, []
+        inv_long = self.const_array(rope_inv_freq(ra, long=True), "inv_freq")
+        return inv, [f"LongRope<{ct(ext.dtype)}>{{{inv_long}, {self.ptr(ext)}, {int(a['original_max_position'])}, "
+                     f"{_f(a['attention_factor'])}}}"]
+
     # -- driver ------------------------------------------------------------------------
     def run(self) -> Lowered:
         for i, n in enumerate(self.g.nodes):
@@ -223,6 +233,10 @@ class Lowering:
         if a["bias"]:
             b, i = self.ptr(n.inputs[2]), 3
         pos = n.inputs[i]
+        ext = n.inputs[i + 1] if a["scaling"] == "longrope" else None
+        i += ext is not None
+        if ext is not None and ext.dtype != pos.dtype:
+            raise Unsupported("cpu backend: qkv_rope needs positions and seq_extent of one dtype")
         qn = kn = "(const float*)0"
         if a["qk_norm"]:
             qn, kn = self.ptr(n.inputs[i + 1]), self.ptr(n.inputs[i + 2])
@@ -236,35 +250,51 @@ class Lowering:
         chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
         self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(chunk, D), gemv_t * (H + 2 * Hkv) * D)
                           + max(chunk, D) * K + self._act_scratch(w, K))
-        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        inv, longrope = self.rope_tables(a, ext)
         q, k, v = (self.out(o) for o in n.outputs)
+        norm_off = a["offset"] if a["qk_norm"] else 0.0
+        extra = [_f(norm_off), *longrope] if norm_off or longrope else []     # else the kernel's defaults
         self.emit("k_qkv_rope", [wt, ct(pos.dtype), K, H, Hkv, D, rot],
                   [self.ptr(x), expr(x.shape[:1]), wp, b, self.ptr(pos), qn, kn, f"{float(a['eps']).hex()}f",
-                   inv, q, k, v, "scr"])
+                   inv, q, k, v, "scr", *extra])
 
     def op_rms_norm(self, n: Node):
         x, w = n.inputs
-        self.emit("k_rms_norm", [ct(x.dtype), ct(w.dtype)],
-                  [self.ptr(x), self.ptr(w), self.rows(x), x.shape[-1], f"{float(A(n)['eps']).hex()}f", self.out(n.out)])
+        off = _offset(n)
+        self.emit("k_rms_norm", [ct(x.dtype), ct(w.dtype)] + off[:1],
+                  [self.ptr(x), self.ptr(w), self.rows(x), x.shape[-1], f"{float(A(n)['eps']).hex()}f", self.out(n.out),
+                   *off[1:]])
 
     def op_add_rms_norm(self, n: Node):
         x, r, w = n.inputs
         self._f32_activation(n, x, r)
         s, y = n.outputs
-        self.emit("k_add_rms_norm", [ct(w.dtype)],
+        off = _offset(n)
+        self.emit("k_add_rms_norm", [ct(w.dtype)] + off[:1],
                   [self.ptr(x), self.ptr(r), self.ptr(w), self.rows(x), x.shape[-1],
-                   f"{float(A(n)['eps']).hex()}f", self.out(s), self.out(y)])
+                   f"{float(A(n)['eps']).hex()}f", self.out(s), self.out(y), *off[1:]])
 
     def op_softmax(self, n: Node):
         x = n.inputs[0]
         self.emit("k_softmax", [ct(x.dtype)], [self.ptr(x), self.rows(x), x.shape[-1], self.out(n.out)])
 
+    def _rope_ext(self, n: Node) -> Value | None:
+        pos, ext = n.inputs[1], (n.inputs[2] if len(n.inputs) == 3 else None)
+        if ext is not None and ext.dtype != pos.dtype:
+            raise Unsupported(f"cpu backend: {n.op} needs positions and seq_extent of one dtype")
+        return ext
+
     def op_rope(self, n: Node):
-        x, pos = n.inputs
+        x, pos = n.inputs[:2]
         a = A(n)
-        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        inv, longrope = self.rope_tables(a, self._rope_ext(n))
         self.emit("k_rope", [ct(x.dtype), ct(pos.dtype), x.shape[1], x.shape[2], a["rotary_dim"]],
-                  [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), inv, self.out(n.out)])
+                  [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), inv, self.out(n.out), *longrope])
+
+    def op_seq_extent(self, n: Node):
+        pos, sid = n.inputs
+        self.emit("k_seq_extent", [ct(pos.dtype), ct(sid.dtype)],
+                  [self.ptr(pos), self.ptr(sid), expr(pos.shape), self.out(n.out)])
 
     def op_take_rows(self, n: Node):
         x, rows = n.inputs
@@ -288,18 +318,20 @@ class Lowering:
         if pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
         PS, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
-        self.emit("k_paged_attention", [ct(kc.dtype), ct(pos.dtype), ct(table.dtype), PS, q.shape[1], Hkv, D],
+        cap = _softcap(n)
+        self.emit("k_paged_attention", [ct(kc.dtype), ct(pos.dtype), ct(table.dtype), PS, q.shape[1], Hkv, D] + cap[:1],
                   [self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(pos), self.ptr(sid), self.ptr(table),
                    expr(q.shape[:1]), table.shape[1], f"{float(A(n)['scale']).hex()}f",
-                   A(n)["sliding_window"], self.out(n.out)])
+                   A(n)["sliding_window"], self.out(n.out), *cap[1:]])
 
     def op_causal_attention(self, n: Node):
         q, k, v, pos, sid = n.inputs
         if not (q.dtype == k.dtype == v.dtype) or pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: causal_attention needs q/k/v of one dtype and index inputs of one dtype")
-        self.emit("k_causal_attention", [ct(q.dtype), ct(pos.dtype), q.shape[1], k.shape[1], q.shape[2]],
+        cap = _softcap(n)
+        self.emit("k_causal_attention", [ct(q.dtype), ct(pos.dtype), q.shape[1], k.shape[1], q.shape[2]] + cap[:1],
                   [self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(pos), self.ptr(sid), expr(q.shape[:1]),
-                   f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out)])
+                   f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out), *cap[1:]])
 
     def op_grad_norm_sq(self, n: Node):
         """Two calls (templates/optim.h): per-block sums into thread 0's scratch, then their fold."""
@@ -377,18 +409,19 @@ class Lowering:
         self.need_scratch(-(-rows // RMS_GRAD_BLOCK) * D)
         dx, dw = (self.out(o) for o in n.outputs)
         eps = f"{float(A(n)['eps']).hex()}f"
-        self.emit("k_rms_norm_grad", [ct(w.dtype), RMS_GRAD_BLOCK],
-                  [self.ptr(dy), self.ptr(x), self.ptr(w), self.rows(x), D, eps, dx, "scratch"],
+        off = _offset(n)
+        self.emit("k_rms_norm_grad", [ct(w.dtype), RMS_GRAD_BLOCK] + off[:1],
+                  [self.ptr(dy), self.ptr(x), self.ptr(w), self.rows(x), D, eps, dx, "scratch", *off[1:]],
                   comment="dx, dw shares")
         self.emit("k_rms_norm_grad_fold", [RMS_GRAD_BLOCK], ["scratch", self.rows(x), D, dw], comment="dw")
 
     def op_rope_grad(self, n: Node):
         self._train(n)
-        dy, pos = n.inputs
+        dy, pos = n.inputs[:2]
         a = A(n)
-        inv = self.const_array(rope_inv_freq({k: a[k] for k in ROPE_KEYS}), "inv_freq")
+        inv, longrope = self.rope_tables(a, self._rope_ext(n))
         self.emit("k_rope_grad", [ct(pos.dtype), dy.shape[1], dy.shape[2], a["rotary_dim"]],
-                  [self.ptr(dy), self.ptr(pos), expr(dy.shape[:1]), inv, self.out(n.out)])
+                  [self.ptr(dy), self.ptr(pos), expr(dy.shape[:1]), inv, self.out(n.out), *longrope])
 
     def op_silu_grad(self, n: Node):
         self._train(n)
@@ -397,6 +430,11 @@ class Lowering:
     def op_gelu_tanh_grad(self, n: Node):
         self._train(n)
         self.emit("k_act_grad", [1], [self.ptr(n.inputs[0]), self.ptr(n.inputs[1]), expr(n.out.shape), self.out(n.out)])
+
+    def op_softcap_grad(self, n: Node):
+        self._train(n)
+        self.emit("k_softcap_grad", [], [self.ptr(n.inputs[0]), self.ptr(n.inputs[1]), expr(n.out.shape),
+                                         _f(A(n)["cap"]), self.out(n.out)])
 
     def op_softmax_grad(self, n: Node):
         self._train(n)
@@ -418,43 +456,46 @@ class Lowering:
         H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
         self.need_scratch(2 * self.max_tokens * H)
         a = A(n)
-        targs = [ct(pos.dtype), H, Hkv, D]
+        cap = _softcap(n)
+        targs = [ct(pos.dtype), H, Hkv, D] + cap[:1]
         common = [self.ptr(dout), self.ptr(q), self.ptr(k), self.ptr(v)]
         rest = [self.ptr(pos), self.ptr(sid), expr(q.shape[:1]), f"{float(a['scale']).hex()}f", a["sliding_window"]]
         dq, dk, dv = (self.out(o) for o in n.outputs)
-        self.emit("k_attention_grad_q", targs, [*common, self.ptr(out), *rest, dq, "scratch"], comment="dq")
-        self.emit("k_attention_grad_kv", targs, [*common, *rest, "scratch", dk, dv], comment="dk, dv")
+        self.emit("k_attention_grad_q", targs, [*common, self.ptr(out), *rest, dq, "scratch", *cap[1:]], comment="dq")
+        self.emit("k_attention_grad_kv", targs, [*common, *rest, "scratch", dk, dv, *cap[1:]], comment="dk, dv")
 
     def _cross_entropy(self, n: Node) -> tuple[list, list]:
         x, head, targets = n.inputs[:3]
         if head.type.quantized:
             raise Unsupported("cpu backend: the cross-entropy head must be a float matrix")
         T, (V, D) = expr(x.shape[:1]), head.shape
-        return ([ct(head.dtype), ct(targets.dtype), CE_ROWS, CE_VOCAB],
-                [self.ptr(x), T, D, self.ptr(head), V, self.ptr(targets), int(A(n)["ignore_index"])])
+        cap = _softcap(n)
+        return ([ct(head.dtype), ct(targets.dtype), CE_ROWS, CE_VOCAB] + cap[:1],
+                [self.ptr(x), T, D, self.ptr(head), V, self.ptr(targets), int(A(n)["ignore_index"])], cap[1:])
 
     def op_linear_cross_entropy(self, n: Node):
         """Two calls: lse and per-row losses (shared scratch [T]), then the loss, their scaled sum."""
         self._train(n, "loss.h")
-        targs, args = self._cross_entropy(n)
+        targs, args, cap = self._cross_entropy(n)
         D, m = n.inputs[1].shape[1], self.max_tokens
         self.need_scratch(m + CE_ROWS * CE_VOCAB + CE_VOCAB * D + 3 * CE_ROWS)
         loss, lse = (self.out(o) for o in n.outputs)
-        self.emit("k_linear_cross_entropy", targs, [*args, lse, "scratch", f"scr + {m}"], comment="lse, row losses")
+        self.emit("k_linear_cross_entropy", targs, [*args, lse, "scratch", f"scr + {m}", *cap],
+                  comment="lse, row losses")
         self.emit("k_cross_entropy_sum", [], ["scratch", expr(n.inputs[0].shape[:1]), self.ptr(n.inputs[3]), loss],
                   comment="loss")
 
     def op_linear_cross_entropy_grad(self, n: Node):
         """Two calls: dhead and each thread's share of dx (in its own scratch), then dx, the shares' sum."""
         self._train(n, "loss.h")
-        targs, args = self._cross_entropy(n)
+        targs, args, cap = self._cross_entropy(n)
         scale, lse = n.inputs[3:5]
         dloss = self.ptr(n.inputs[5]) if len(n.inputs) == 6 else "(const float*)0"
         D, part = n.inputs[1].shape[1], self.max_tokens * n.inputs[1].shape[1]
         self.need_scratch(part + CE_ROWS * CE_VOCAB + CE_VOCAB * D)
         dx, dhead = (self.out(o) for o in n.outputs)
         self.emit("k_linear_cross_entropy_grad", targs, [*args, self.ptr(scale), self.ptr(lse), dloss, dhead, "scr",
-                                                         f"scr + {part}"], comment="dhead, shares of dx")
+                                                         f"scr + {part}", *cap], comment="dhead, shares of dx")
         # the shares sit at the start of every thread's scratch, reft_scratch_floats() apart
         self.emit("k_cross_entropy_dx", [], ["scratch", "reft_scratch_floats()", expr(n.inputs[0].shape[:1]), D, dx],
                   comment="dx")
@@ -487,6 +528,16 @@ class Lowering:
 
     def op_gelu_tanh(self, n: Node):
         self._unary(n, "UN_GELU_TANH")
+
+    def op_scale(self, n: Node):
+        x = n.inputs[0]
+        self.emit("k_scale", [ct(x.dtype), ct(n.out.dtype)], [self.ptr(x), self.out(n.out), expr(x.shape),
+                                                               _f(A(n)["factor"])])
+
+    def op_softcap(self, n: Node):
+        x = n.inputs[0]
+        self.emit("k_softcap", [ct(x.dtype), ct(n.out.dtype)], [self.ptr(x), self.out(n.out), expr(x.shape),
+                                                                 _f(A(n)["cap"])])
 
     def op_cast(self, n: Node):
         x, o = n.inputs[0], n.out
@@ -534,6 +585,23 @@ def ct(dtype: str) -> str:
 def A(n: Node) -> dict:
     """A node's attributes with the op's defaults filled in."""
     return ops.get(n.op).full_attrs(n.attrs)
+
+
+def _f(x: float) -> str:
+    """A float32 C++ literal (hex: exact)."""
+    return f"{float(x).hex()}f"
+
+
+def _offset(n: Node) -> list:
+    """RMSNorm offset: [] (none: the kernel's defaults), or [template flag, the value argument]."""
+    off = A(n)["offset"]
+    return ["true", _f(off)] if off else []
+
+
+def _softcap(n: Node) -> list:
+    """Soft-capping: [] (none: the kernel's defaults), or [template flag, the cap argument]."""
+    cap = A(n)["softcap"]
+    return ["true", _f(cap)] if cap else []
 
 
 def _size(dtype: str) -> int:

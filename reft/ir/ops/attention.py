@@ -4,6 +4,8 @@ Tokens of several sequences are flattened into one batch of T rows; `seq_ids[T]`
 sequence each row belongs to and `positions[T]` its position in that sequence. A query at
 position p attends to keys of its own sequence at positions j with j <= p (and p - j < window
 when `sliding_window` > 0). Grouped-query attention: query head h reads KV head h // (H / Hkv).
+With `softcap` > 0 the scores q . k * scale are soft-capped, softcap * tanh(s / softcap), before
+the mask (Gemma 2).
 
   causal_attention  keys/values are the rows of this batch (no cache: training, or before
                     the paged-KV pass)
@@ -19,6 +21,8 @@ from ..types import TensorType
 from .registry import SIDE_EFFECT, check, f32, is_float, op
 
 INT = ("int32", "int64")
+# sliding_window: 0 = no window; softcap: scores become softcap * tanh(s / softcap) before the mask (0 = off)
+ATTENTION_DEFAULTS = {"sliding_window": 0, "softcap": 0.0}
 
 
 def _check_meta(q: TensorType, positions: TensorType, seq_ids: TensorType, name: str):
@@ -35,9 +39,19 @@ def _check_heads(q: TensorType, kv_heads, kv_dim, name: str):
     check(kv_dim == D, f"{name}: head dim {D} of q does not match {kv_dim} of k/v")
 
 
-def _attend_probs(q, k, qpos, kpos, scale, window):
-    """Attention probabilities: q (Tq, H, D), k (L, H, D) (KV heads already repeated) -> (H, Tq, L)."""
+def attend_scores(q, k, scale, softcap=0.0):
+    """Scores q . k * scale, (H, Tq, L), soft-capped to softcap * tanh(s / softcap) when softcap > 0
+    (Gemma 2: before the mask); also returns the tanh (None without capping) for the gradient."""
     s = np.einsum("thd,lhd->htl", q, k) * np.float32(scale)        # (H, Tq, L)
+    if not softcap:
+        return s, None
+    t = np.tanh(s / np.float32(softcap))
+    return t * np.float32(softcap), t
+
+
+def _attend_probs(q, k, qpos, kpos, scale, window, softcap=0.0):
+    """Attention probabilities: q (Tq, H, D), k (L, H, D) (KV heads already repeated) -> (H, Tq, L)."""
+    s = attend_scores(q, k, scale, softcap)[0]
     mask = kpos[None, :] <= qpos[:, None]
     if window > 0:
         mask &= (qpos[:, None] - kpos[None, :]) < window
@@ -47,12 +61,13 @@ def _attend_probs(q, k, qpos, kpos, scale, window):
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def _attend(q, k, v, qpos, kpos, scale, window):
+def _attend(q, k, v, qpos, kpos, a):
     """q (Tq, H, D); k, v (L, Hkv, D); qpos (Tq,), kpos (L,) -> (Tq, H, D), float32."""
     rep = q.shape[1] // k.shape[1]
     k = np.repeat(k, rep, axis=1)                                   # (L, H, D)
     v = np.repeat(v, rep, axis=1)
-    return np.einsum("htl,lhd->thd", _attend_probs(q, k, qpos, kpos, scale, window), v)
+    p = _attend_probs(q, k, qpos, kpos, a["scale"], a["sliding_window"], a.get("softcap", 0.0))
+    return np.einsum("htl,lhd->thd", p, v)
 
 
 # -- causal_attention(q, k, v, positions, seq_ids)
@@ -70,8 +85,7 @@ def _causal_ref(xs, a):
     out = np.zeros(q.shape, np.float32)
     for s in np.unique(sid):
         rows = np.nonzero(sid == s)[0]
-        out[rows] = _attend(f32(q[rows]), f32(k[rows]), f32(v[rows]), pos[rows], pos[rows],
-                            a["scale"], a["sliding_window"])
+        out[rows] = _attend(f32(q[rows]), f32(k[rows]), f32(v[rows]), pos[rows], pos[rows], a)
     return [out.astype(q.dtype)]
 
 
@@ -84,7 +98,7 @@ def _causal_vjp(b, node, cts, wants):
 
 
 op("causal_attention", infer=_causal_infer, ref=_causal_ref, vjp=_causal_vjp, arity=5, attrs=("scale",),
-   defaults={"sliding_window": 0},
+   defaults=ATTENTION_DEFAULTS,
    doc="Causal GQA attention among the rows of the batch, per sequence.")
 
 
@@ -144,11 +158,10 @@ def _paged_ref(xs, a):
         rows = np.nonzero(sid == s)[0]
         kpos = np.arange(int(pos[rows].max()) + 1)
         page, off = slots(kpos, np.full_like(kpos, s), pt, ps)
-        out[rows] = _attend(f32(q[rows]), f32(kc[page, off]), f32(vc[page, off]), pos[rows], kpos,
-                            a["scale"], a["sliding_window"])
+        out[rows] = _attend(f32(q[rows]), f32(kc[page, off]), f32(vc[page, off]), pos[rows], kpos, a)
     return [out.astype(q.dtype)]
 
 
 op("paged_attention", infer=_paged_infer, ref=_paged_ref, arity=6, attrs=("scale",),
-   defaults={"sliding_window": 0},
+   defaults=ATTENTION_DEFAULTS,
    doc="Causal GQA attention of each row over its sequence's cached positions 0..p.")

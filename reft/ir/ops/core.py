@@ -81,6 +81,34 @@ op("gelu_tanh", infer=_unary_infer("gelu_tanh"),
    arity=1, traits={ELEMENTWISE}, doc="GELU, tanh approximation (HF 'gelu_pytorch_tanh')")
 
 
+def _scale_vjp(b, node, cts, wants):
+    x = node.inputs[0]
+    g = b.scale(to_f32(b, cts[0]), factor=node.attrs["factor"])
+    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype)]
+
+
+op("scale", infer=_unary_infer("scale"), ref=lambda xs, a: [(f32(xs[0]) * np.float32(a["factor"])).astype(xs[0].dtype)],
+   vjp=_scale_vjp, arity=1, traits={ELEMENTWISE}, attrs=("factor",),
+   doc="x * factor, a float32 constant (Gemma's embedding scale sqrt(hidden)).")
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap) in float32, in transformers' order (divide, tanh, multiply)."""
+    c = np.float32(cap)
+    return np.tanh(x / c) * c
+
+
+def _softcap_vjp(b, node, cts, wants):
+    x = node.inputs[0]
+    g = b.softcap_grad(to_f32(b, cts[0]), to_f32(b, x), cap=node.attrs["cap"])
+    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype)]
+
+
+op("softcap", infer=_unary_infer("softcap"), ref=lambda xs, a: [softcap(f32(xs[0]), a["cap"]).astype(xs[0].dtype)],
+   vjp=_softcap_vjp, arity=1, traits={ELEMENTWISE}, attrs=("cap",),
+   doc="Soft-capping cap * tanh(x / cap) (Gemma 2's final logits).")
+
+
 def _cast_infer(ts, a):
     check(a["dtype"] in DTYPES, f"cast: unknown dtype {a['dtype']!r}")
     return [TensorType(ts[0].shape, a["dtype"])]

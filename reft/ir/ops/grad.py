@@ -12,20 +12,24 @@ forward op's output. Shapes use T for rows (tokens), R for selected rows.
                                                   rows add up): take_rows and embedding gradients
   linear_grad_input(dy[..., N], w[N, K]) -> [..., K]      dy @ w
   linear_grad_weight(dy[M, N], x[M, K]) -> [N, K]         dy^T @ x
-  rms_norm_grad(dy[..., D], x[..., D], w[D]) -> (dx[..., D], dw[D])     {eps}
-        r = 1/sqrt(mean(x^2) + eps), g = dy * w:  dx = r g - x r^3 mean(g x),  dw = sum_rows(dy x r)
-  rope_grad(dy[T, H, D], positions[T]) -> [T, H, D]       {the attributes of rope}
-        the inverse rotation: rope with every angle negated
+  rms_norm_grad(dy[..., D], x[..., D], w[D]) -> (dx[..., D], dw[D])     {eps, offset}
+        r = 1/sqrt(mean(x^2) + eps), g = dy * (offset + w):  dx = r g - x r^3 mean(g x),
+        dw = sum_rows(dy x r)
+  rope_grad(dy[T, H, D], positions[T][, extent[T]]) -> [T, H, D]       {the attributes of rope}
+        the inverse rotation: rope with every angle negated (longrope: the same factors and
+        cos/sin scaling as the forward)
+  softcap_grad(dy, x) -> dy * (1 - tanh(x / cap)^2)        {cap}
   silu_grad(dy, x) -> dy * s (1 + x (1 - s)),  s = sigmoid(x)
   gelu_tanh_grad(dy, x) -> dy * d/dx gelu_tanh(x)
   softmax_grad(dy, y) -> y (dy - sum(dy y))       y = the softmax output, last axis
   glu_grad(dh[..., F], y[..., 2F]) -> [..., 2F]   {act}: y = (gate, up) before the activation;
                                                   returns (dh up act'(gate), dh act(gate))
   causal_attention_grad(dout, q, k, v, out, positions, seq_ids) -> (dq, dk, dv)
-                                                  {scale, sliding_window}: q/out/dout [T, H, D],
-        k/v [T, Hkv, D]; probabilities are recomputed from q and k (flash-style), with
-        D = rowsum(dout out): dS = P (dout v^T - D), dq = scale dS k, dk = scale dS^T q,
-        dv = P^T dout; dk and dv sum the query heads of each KV group
+                                                  {scale, sliding_window, softcap}: q/out/dout
+        [T, H, D], k/v [T, Hkv, D]; probabilities are recomputed from q and k (flash-style), with
+        D = rowsum(dout out): dS = P (dout v^T - D) (times 1 - tanh^2 of the capped score with
+        softcap), dq = scale dS k, dk = scale dS^T q, dv = P^T dout; dk and dv sum the query heads
+        of each KV group
 """
 from __future__ import annotations
 
@@ -34,9 +38,9 @@ import math
 import numpy as np
 
 from ..types import TensorType
-from .attention import INT, _attend_probs, _causal_infer
+from .attention import ATTENTION_DEFAULTS, INT, _attend_probs, _causal_infer, attend_scores
 from .fused import ACTS
-from .nn import _rope_infer, rope_rotate
+from .nn import ROPE_DEFAULTS, _rope_infer, norm_scale, rope_rotate
 from .registry import CONTRACTION, ELEMENTWISE, REDUCTION, check, f32, is_float, op
 
 F32 = "float32"
@@ -119,7 +123,7 @@ def _rms_grad_infer(ts, a):
 
 
 def _rms_grad_ref(xs, a):
-    dy, x, w = f32(xs[0]), f32(xs[1]), f32(xs[2])
+    dy, x, w = f32(xs[0]), f32(xs[1]), norm_scale(xs[2], a.get("offset", 0.0))
     r = (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(a["eps"]))).astype(np.float32)
     g = dy * w
     dx = r * g - x * (r ** 3) * np.mean(g * x, axis=-1, keepdims=True)
@@ -128,7 +132,7 @@ def _rms_grad_ref(xs, a):
 
 
 op("rms_norm_grad", infer=_rms_grad_infer, ref=_rms_grad_ref, arity=3, traits={REDUCTION}, attrs=("eps",),
-   doc="Gradients of rms_norm(x, w) for x and w, recomputing 1/rms from x.")
+   defaults={"offset": 0.0}, doc="Gradients of rms_norm(x, w) for x and w, recomputing 1/rms from x.")
 
 
 # -- rope_grad ---------------------------------------------------------------------------
@@ -137,10 +141,8 @@ def _rope_grad_infer(ts, a):
     return _rope_infer(ts, a)
 
 
-op("rope_grad", infer=_rope_grad_infer, ref=lambda xs, a: [rope_rotate(xs[0], xs[1], a, -1.0)], arity=2,
-   attrs=("theta", "rotary_dim"),
-   defaults={"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position": 8192},
+op("rope_grad", infer=_rope_grad_infer, arity=(2, 3), attrs=("theta", "rotary_dim"), defaults=ROPE_DEFAULTS,
+   ref=lambda xs, a: [rope_rotate(xs[0], xs[1], a, -1.0, extent=xs[2] if len(xs) == 3 else None)],
    doc="Gradient of rope: the inverse rotation (every angle negated).")
 
 
@@ -175,6 +177,15 @@ op("silu_grad", infer=_pair_infer("silu_grad"), ref=_pair_ref(_silu_grad), arity
    doc="dy * d/dx silu(x)")
 op("gelu_tanh_grad", infer=_pair_infer("gelu_tanh_grad"), ref=_pair_ref(_gelu_tanh_grad), arity=2,
    traits={ELEMENTWISE}, doc="dy * d/dx gelu_tanh(x)")
+
+
+def _softcap_grad_ref(xs, a):
+    t = np.tanh(f32(xs[1]) / np.float32(a["cap"]))
+    return [(f32(xs[0]) * (np.float32(1.0) - t * t)).astype(np.float32)]
+
+
+op("softcap_grad", infer=_pair_infer("softcap_grad"), ref=_softcap_grad_ref, arity=2, traits={ELEMENTWISE},
+   attrs=("cap",), doc="dy * d/dx cap tanh(x / cap) = dy (1 - tanh(x / cap)^2)")
 
 
 op("softmax_grad", infer=_pair_infer("softmax_grad"), arity=2, traits={REDUCTION},
@@ -221,16 +232,19 @@ def _attn_grad_ref(xs, a):
     dout, q, k, v, out, pos, sid = xs
     dq, dk, dv = np.zeros(q.shape, np.float32), np.zeros(k.shape, np.float32), np.zeros(v.shape, np.float32)
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-    rep, scale = H // Hkv, np.float32(a["scale"])
+    rep, scale, cap = H // Hkv, np.float32(a["scale"]), a.get("softcap", 0.0)
     for s in np.unique(sid):
         rows = np.nonzero(sid == s)[0]
         L = len(rows)
         kr, vr = np.repeat(k[rows], rep, axis=1), np.repeat(v[rows], rep, axis=1)    # (L, H, D)
-        p = _attend_probs(q[rows], kr, pos[rows], pos[rows], a["scale"], a["sliding_window"])  # (H, L, L)
+        p = _attend_probs(q[rows], kr, pos[rows], pos[rows], a["scale"], a["sliding_window"], cap)   # (H, L, L)
         do = dout[rows]                                                             # (L, H, D)
         delta = np.sum(do * out[rows], axis=-1).T                                   # (H, L)
         dp = np.einsum("thd,lhd->htl", do, vr)                                      # (H, L, L)
-        ds = p * (dp - delta[:, :, None])
+        ds = p * (dp - delta[:, :, None])                                           # (H, L, L)
+        if cap:
+            t = attend_scores(q[rows], kr, a["scale"], cap)[1]
+            ds = ds * (np.float32(1.0) - t * t)
         dq[rows] = np.einsum("htl,lhd->thd", ds, kr) * scale
         dk[rows] = (np.einsum("htl,thd->lhd", ds, q[rows]) * scale).reshape(L, Hkv, rep, D).sum(2)
         dv[rows] = np.einsum("htl,thd->lhd", p, do).reshape(L, Hkv, rep, D).sum(2)
@@ -238,5 +252,5 @@ def _attn_grad_ref(xs, a):
 
 
 op("causal_attention_grad", infer=_attn_grad_infer, ref=_attn_grad_ref, arity=7, attrs=("scale",),
-   defaults={"sliding_window": 0},
+   defaults=ATTENTION_DEFAULTS,
    doc="Gradients of causal_attention for q, k, v (probabilities recomputed from q and k).")

@@ -1,4 +1,5 @@
-"""Neural-network ops: embedding, linear, RMSNorm, softmax, rotary embedding."""
+"""Neural-network ops: embedding, linear, RMSNorm, softmax, rotary embedding (and seq_extent, which
+longrope reads)."""
 from __future__ import annotations
 
 import math
@@ -83,22 +84,31 @@ def _rms_norm_infer(ts, a):
     return [x]
 
 
+def norm_scale(w, offset) -> np.ndarray:
+    """The RMSNorm scale in float32: w, or offset + w for checkpoints that store the scale's offset
+    from a constant (Gemma: 1 + w, added in float32 as transformers does)."""
+    w = f32(w)
+    return w + np.float32(offset) if offset else w
+
+
 def _rms_norm_ref(xs, a):
-    x, w = f32(xs[0]), f32(xs[1])
+    x, w = f32(xs[0]), norm_scale(xs[1], a.get("offset", 0.0))
     inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(a["eps"]))
     return [(x * inv.astype(np.float32) * w).astype(xs[0].dtype)]
 
 
-def rms_norm_vjp(b, g, x, w, eps, wants):
+def rms_norm_vjp(b, g, x, w, eps, wants, offset=0.0):
     """[dx, dw] of rms_norm(x, w) given g = dL/dy, in x's and w's dtypes."""
-    dx, dw = b.rms_norm_grad(to_f32(b, g), to_f32(b, x), w, eps=eps)
+    dx, dw = b.rms_norm_grad(to_f32(b, g), to_f32(b, x), w, eps=eps, **({"offset": offset} if offset else {}))
     return [(dx if x.dtype == "float32" else b.cast(dx, dtype=x.dtype)) if wants[0] else None,
             (dw if w.dtype == "float32" else b.cast(dw, dtype=w.dtype)) if wants[1] else None]
 
 
 op("rms_norm", infer=_rms_norm_infer, ref=_rms_norm_ref, arity=2, traits={REDUCTION}, attrs=("eps",),
-   vjp=lambda b, node, cts, wants: rms_norm_vjp(b, cts[0], *node.inputs, node.attrs["eps"], wants),
-   doc="x / sqrt(mean(x^2) + eps) * w over the last axis.")
+   defaults={"offset": 0.0},
+   vjp=lambda b, node, cts, wants: rms_norm_vjp(b, cts[0], *node.inputs, node.attrs["eps"], wants,
+                                                node.attrs.get("offset", 0.0)),
+   doc="x / sqrt(mean(x^2) + eps) * (offset + w) over the last axis.")
 
 
 # -- softmax over the last axis
@@ -118,15 +128,22 @@ op("softmax", infer=lambda ts, a: (check(is_float(ts[0]), "softmax: float input 
    ref=_softmax_ref, vjp=_softmax_vjp, arity=1, traits={REDUCTION}, doc="Softmax over the last axis.")
 
 
-# -- rope(x[T, H, D], positions[T]) rotary embedding, "rotate half" layout (Hugging Face)
-ROPE_TYPES = ("default", "linear", "llama3")
+# -- rope(x[T, H, D], positions[T][, extent[T]]) rotary embedding, "rotate half" layout (Hugging Face)
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_DEFAULTS = {"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position": 8192, "short_factor": (), "long_factor": (), "attention_factor": 1.0}
 
 
-def rope_inv_freq(a: dict) -> np.ndarray:
-    """Inverse frequencies for the rotary dims, after rope scaling. Shape [rotary_dim // 2]."""
+def rope_inv_freq(a: dict, long: bool = False) -> np.ndarray:
+    """Inverse frequencies for the rotary dims, after rope scaling (longrope: with the short
+    factors, or the long ones when `long`). Shape [rotary_dim // 2]."""
     dim = a["rotary_dim"]
-    inv = 1.0 / (a["theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    base = a["theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
     kind = a["scaling"]
+    if kind == "longrope":    # transformers: 1 / (ext_factors * base ** (i / dim)), float32
+        ext = np.asarray(a["long_factor"] if long else a["short_factor"], np.float32)
+        return (1.0 / (ext * base)).astype(np.float32)
+    inv = 1.0 / base
     if kind == "linear":
         inv = inv / a["factor"]
     elif kind == "llama3":
@@ -142,24 +159,41 @@ def rope_inv_freq(a: dict) -> np.ndarray:
 
 
 def _rope_infer(ts, a):
-    x, pos = ts
+    x, pos = ts[:2]
     check(is_float(x) and x.rank == 3, f"rope: x must be float[T, H, D], got {x}")
     check(pos.dtype in ("int32", "int64") and pos.shape == (x.shape[0],), f"rope: positions must be int[{x.shape[0]}], got {pos}")
     check(a["scaling"] in ROPE_TYPES, f"rope: scaling must be one of {ROPE_TYPES}, got {a['scaling']!r}")
     d = x.shape[2]
     check(isinstance(d, int) and a["rotary_dim"] % 2 == 0 and 0 < a["rotary_dim"] <= d,
           f"rope: rotary_dim {a['rotary_dim']} does not fit head dim {d}")
+    longrope = a["scaling"] == "longrope"
+    check(len(ts) == 2 + longrope, f"rope: {'longrope takes' if longrope else 'takes'} {2 + longrope} inputs"
+          f" (x, positions{', extent' if longrope else ''}), got {len(ts)}")
+    if longrope:
+        check(ts[2] == pos, f"rope: extent must be {pos} like positions, got {ts[2]}")
+        half = a["rotary_dim"] // 2
+        check(len(a["short_factor"]) == half and len(a["long_factor"]) == half,
+              f"rope: longrope needs {half} short and long factors, got"
+              f" {len(a['short_factor'])}, {len(a['long_factor'])}")
     return [x]
 
 
-def rope_rotate(x, pos, a: dict, sign: float = 1.0) -> np.ndarray:
+def rope_rotate(x, pos, a: dict, sign: float = 1.0, extent=None) -> np.ndarray:
     """Rotate each pair (j, j + r/2) of the first r = rotary_dim dims by sign * angle (x: (T, H, D));
-    sign -1 is the inverse rotation (rope_grad)."""
+    sign -1 is the inverse rotation (rope_grad). longrope: a token whose sequence reaches past
+    original_max_position in this batch (extent[t] > it) takes the long factors, and cos/sin are
+    scaled by attention_factor, as transformers computes them."""
     x = f32(x)
     r = a["rotary_dim"]
-    freqs = pos.astype(np.float32)[:, None] * rope_inv_freq(a)[None, :]      # (T, r/2)
+    inv = rope_inv_freq(a)[None, :]                                            # (1, r/2)
+    if a["scaling"] == "longrope":
+        inv = np.where((extent > a["original_max_position"])[:, None], rope_inv_freq(a, long=True)[None, :], inv)
+    freqs = pos.astype(np.float32)[:, None] * inv                              # (T, r/2)
     emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, r)
     cos, sin = np.cos(emb)[:, None, :], np.float32(sign) * np.sin(emb)[:, None, :]   # (T, 1, r)
+    if a["scaling"] == "longrope":
+        m = np.float32(a["attention_factor"])
+        cos, sin = cos * m, sin * m
     xr = x[..., :r]
     rot = np.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], axis=-1)
     out = x.copy()
@@ -168,17 +202,39 @@ def rope_rotate(x, pos, a: dict, sign: float = 1.0) -> np.ndarray:
 
 
 def _rope_ref(xs, a):
-    return [rope_rotate(xs[0], xs[1], a).astype(xs[0].dtype)]
+    return [rope_rotate(xs[0], xs[1], a, extent=xs[2] if len(xs) == 3 else None).astype(xs[0].dtype)]
 
 
 def _rope_vjp(b, node, cts, wants):
-    x, pos = node.inputs
-    g = b.rope_grad(to_f32(b, cts[0]), pos, **node.attrs)
-    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype), None]
+    x = node.inputs[0]
+    g = b.rope_grad(to_f32(b, cts[0]), *node.inputs[1:], **node.attrs)
+    return [g if x.dtype == "float32" else b.cast(g, dtype=x.dtype)] + [None] * (len(node.inputs) - 1)
 
 
-op("rope", infer=_rope_infer, ref=_rope_ref, vjp=_rope_vjp, arity=2,
-   attrs=("theta", "rotary_dim"),
-   defaults={"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position": 8192},
-   doc="Rotary position embedding on the first rotary_dim dims of each head (rotate-half layout).")
+op("rope", infer=_rope_infer, ref=_rope_ref, vjp=_rope_vjp, arity=(2, 3),
+   attrs=("theta", "rotary_dim"), defaults=ROPE_DEFAULTS,
+   doc="Rotary position embedding on the first rotary_dim dims of each head (rotate-half layout); "
+       "longrope (Phi-3) takes each token's seq_extent as a third input.")
+
+
+# -- seq_extent(positions[T], seq_ids[T]) -> [T]
+def _seq_extent_infer(ts, a):
+    pos, sid = ts
+    check(pos.dtype in ("int32", "int64") and pos.rank == 1, f"seq_extent: positions must be int[T], got {pos}")
+    check(sid.dtype in ("int32", "int64") and sid.shape == pos.shape, f"seq_extent: seq_ids must be int[T], got {sid}")
+    return [pos]
+
+
+def _seq_extent_ref(xs, a):
+    pos, sid = xs
+    out = np.zeros_like(pos)
+    for s in np.unique(sid):
+        rows = sid == s
+        out[rows] = pos[rows].max() + 1
+    return [out]
+
+
+op("seq_extent", infer=_seq_extent_infer, ref=_seq_extent_ref, arity=2,
+   vjp=lambda b, node, cts, wants: [None, None],
+   doc="For each token, 1 + the largest position of its sequence in this batch (transformers' "
+       "seq_len = max(position_ids) + 1 of one forward call): what longrope picks its factors by.")

@@ -1,7 +1,8 @@
 // ---- attention.h: KV-cache page writes and paged causal GQA attention (online softmax) -------
 // A query row at position p of sequence s reads cached positions j <= p (and p - j < window)
 // through page_table[s]; the H / HKV query heads sharing a KV head are processed together so
-// each cached K/V row is loaded once for the whole group.
+// each cached K/V row is loaded once for the whole group. SOFTCAP (a template flag, so kernels
+// without it compile as before): scores become softcap * tanh(s / softcap) before the softmax.
 
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t HKV, int64_t D>
 static void k_kv_cache_write(int ith, int nth, CT* kc, CT* vc, const float* k, const float* v, const IT* pos,
@@ -38,10 +39,10 @@ static inline void axpy(float* y, float a, const XT* x, int64_t n) {
     for (; i < n; i++) y[i] += a * ld(x[i]);
 }
 
-template <typename CT, typename IT, typename PT, int64_t PS, int64_t H, int64_t HKV, int64_t D>
+template <typename CT, typename IT, typename PT, int64_t PS, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, const CT* vc, const IT* pos,
                               const IT* sid, const PT* table, int64_t T, int64_t MP, float scale, int64_t window,
-                              float* out) {
+                              float* out, float softcap = 0.f) {
     constexpr int64_t G = H / HKV, PSV = (PS + VW - 1) / VW * VW;   // query heads per KV head; page in vectors
     int64_t w0, w1;
     split_range(T * HKV, ith, nth, 1, &w0, &w1);
@@ -64,6 +65,7 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
                 for (int64_t jj = 0; jj < PSV; jj++) s[g][jj] = -INFINITY;
                 for (int64_t j = a; j <= b; j++)
                     s[g][j - pg * PS] = dot<CT>(qg + g * D, kc + ((base + j % PS) * HKV + kvh) * D, D) * scale;
+                if constexpr (SOFTCAP) softcap_row(&s[g][a - pg * PS], b - a + 1, softcap);
                 vf mv = vset(-INFINITY);
                 for (int64_t jj = 0; jj < PSV; jj += VW) mv = vmax(mv, vload(&s[g][jj]));
                 const float mn = fmaxf(m[g], hmax(mv));
@@ -92,9 +94,9 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
 }
 
 // causal attention among the rows of the batch (no cache)
-template <typename XT, typename IT, int64_t H, int64_t HKV, int64_t D>
+template <typename XT, typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const XT* v, const IT* pos,
-                               const IT* sid, int64_t T, float scale, int64_t window, XT* out) {
+                               const IT* sid, int64_t T, float scale, int64_t window, XT* out, float softcap = 0.f) {
     const int64_t G = H / HKV;
     int64_t w0, w1;
     split_range(T * H, ith, nth, 1, &w0, &w1);
@@ -107,6 +109,7 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
             int64_t pu = (int64_t)pos[u];
             if (sid[u] != sid[t] || pu > p || (window > 0 && p - pu >= window)) continue;
             float s = dot<XT>(qv, k + (u * HKV + kvh) * D, D) * scale, corr = 1.f;
+            if constexpr (SOFTCAP) s = softcap * tanhf(s / softcap);
             if (s > m) {
                 corr = expf(m - s);
                 l *= corr;

@@ -7,7 +7,8 @@
 //                        rows that see the key and the query heads of its group, so no two threads
 //                        write one row
 // A query row at position p of sequence s sees the rows u of s with pos[u] <= p (and p - pos[u] <
-// window); rows of a sequence may be anywhere in the batch.
+// window); rows of a sequence may be anywhere in the batch. SOFTCAP: the scores were soft-capped,
+// c tanh(s / c), and dS carries the factor 1 - tanh^2.
 
 template <typename IT>
 static inline bool sees(const IT* pos, const IT* sid, int64_t t, int64_t u, int64_t window) {
@@ -15,10 +16,22 @@ static inline bool sees(const IT* pos, const IT* sid, int64_t t, int64_t u, int6
     return sid[u] == sid[t] && pu <= p && !(window > 0 && p - pu >= window);
 }
 
-template <typename IT, int64_t H, int64_t HKV, int64_t D>
+// the score of q . k and its d(score)/d(q . k * scale): 1, or 1 - tanh^2 when soft-capped
+template <bool SOFTCAP>
+static inline float capped(float s, float softcap, float* slope) {
+    if constexpr (SOFTCAP) {
+        const float t = tanhf(s / softcap);
+        *slope = 1.f - t * t;
+        return softcap * t;
+    }
+    *slope = 1.f;
+    return s;
+}
+
+template <typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_attention_grad_q(int ith, int nth, const float* dout, const float* q, const float* k, const float* v,
                                const float* out, const IT* pos, const IT* sid, int64_t T, float scale, int64_t window,
-                               float* dq, float* stats) {
+                               float* dq, float* stats, float softcap = 0.f) {
     constexpr int64_t G = H / HKV;
     float* lse = stats;           // [T, H]
     float* delta = stats + T * H; // [T, H]
@@ -32,7 +45,8 @@ static void k_attention_grad_q(int ith, int nth, const float* dout, const float*
         float m = -INFINITY, l = 0.f;
         for (int64_t u = 0; u < T; u++) {
             if (!sees(pos, sid, t, u, window)) continue;
-            const float s = dot<float>(qr, k + (u * HKV + kvh) * D, D) * scale;
+            float slope;
+            const float s = capped<SOFTCAP>(dot<float>(qr, k + (u * HKV + kvh) * D, D) * scale, softcap, &slope);
             if (s > m) {
                 l *= expf(m - s);
                 m = s;
@@ -46,18 +60,19 @@ static void k_attention_grad_q(int ith, int nth, const float* dout, const float*
         for (int64_t u = 0; u < T; u++) {
             if (!sees(pos, sid, t, u, window)) continue;
             const float* kr = k + (u * HKV + kvh) * D;
-            const float p = expf(dot<float>(qr, kr, D) * scale - L);
-            const float ds = p * (dot<float>(dor, v + (u * HKV + kvh) * D, D) - dlt);
+            float slope;
+            const float p = expf(capped<SOFTCAP>(dot<float>(qr, kr, D) * scale, softcap, &slope) - L);
+            const float ds = p * (dot<float>(dor, v + (u * HKV + kvh) * D, D) - dlt) * slope;
             axpy<float>(acc, ds * scale, kr, D);
         }
         memcpy(dq + w * D, acc, D * sizeof(float));
     }
 }
 
-template <typename IT, int64_t H, int64_t HKV, int64_t D>
+template <typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_attention_grad_kv(int ith, int nth, const float* dout, const float* q, const float* k, const float* v,
                                 const IT* pos, const IT* sid, int64_t T, float scale, int64_t window, const float* stats,
-                                float* dk, float* dv) {
+                                float* dk, float* dv, float softcap = 0.f) {
     constexpr int64_t G = H / HKV;
     const float* lse = stats;
     const float* delta = stats + T * H;
@@ -75,8 +90,9 @@ static void k_attention_grad_kv(int ith, int nth, const float* dout, const float
                 const int64_t qh = t * H + kvh * G + g;
                 const float* qr = q + qh * D;
                 const float* dor = dout + qh * D;
-                const float p = expf(dot<float>(qr, kr, D) * scale - lse[qh]);
-                const float ds = p * (dot<float>(dor, vr, D) - delta[qh]);
+                float slope;
+                const float p = expf(capped<SOFTCAP>(dot<float>(qr, kr, D) * scale, softcap, &slope) - lse[qh]);
+                const float ds = p * (dot<float>(dor, vr, D) - delta[qh]) * slope;
                 axpy<float>(ak, ds * scale, qr, D);
                 axpy<float>(av, p, dor, D);
             }

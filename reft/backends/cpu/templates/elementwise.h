@@ -51,6 +51,28 @@ static void k_unary(int ith, int nth, const XT* x, OT* out, int64_t n) {
     }
 }
 
+// out = x * factor (a float32 constant)
+template <typename XT, typename OT>
+static void k_scale(int ith, int nth, const XT* x, OT* out, int64_t n, float factor) {
+    int64_t i0, i1;
+    split_range(n, ith, nth, 64, &i0, &i1);
+    for (int64_t i = i0; i < i1; i++) out[i] = st<OT>(ld(x[i]) * factor);
+}
+
+// out = cap * tanh(x / cap), VW values at a time (the last vector partial, as softcap_row)
+template <typename XT, typename OT>
+static void k_softcap(int ith, int nth, const XT* x, OT* out, int64_t n, float cap) {
+    int64_t i0, i1;
+    split_range(n, ith, nth, 4 * VW, &i0, &i1);
+    float buf[VW];
+    for (int64_t i = i0; i < i1; i += VW) {
+        const int64_t m = i1 - i < VW ? i1 - i : VW;
+        for (int64_t j = 0; j < m; j++) buf[j] = ld(x[i + j]);
+        softcap_row(buf, m, cap);
+        for (int64_t j = 0; j < m; j++) out[i + j] = st<OT>(buf[j]);
+    }
+}
+
 // integer casts keep integers exact
 template <typename XT, typename OT>
 static void k_cast_int(int ith, int nth, const XT* x, OT* out, int64_t n) {

@@ -133,9 +133,9 @@ static void k_linear_grad_weight(int ith, int nth, const float* dy, int64_t M, i
 // -- rms_norm_grad --------------------------------------------------------------------------------
 // Rows go in blocks of B: a block's dx rows and its dw share (sum of dy x r over the block's rows)
 // into part[block, D] (shared scratch); k_rms_norm_grad_fold adds the shares in block order.
-template <typename WT, int64_t B>
+template <typename WT, int64_t B, bool OFFSET = false>
 static void k_rms_norm_grad(int ith, int nth, const float* dy, const float* x, const WT* w, int64_t rows, int64_t D,
-                            float eps, float* dx, float* part) {
+                            float eps, float* dx, float* part, float off = 0.f) {
     const int64_t nb = (rows + B - 1) / B;
     int64_t b0, b1;
     split_range(nb, ith, nth, 1, &b0, &b1);
@@ -148,12 +148,12 @@ static void k_rms_norm_grad(int ith, int nth, const float* dy, const float* x, c
             float ss = 0.f, gx = 0.f;
             for (int64_t i = 0; i < D; i++) {
                 ss += xr[i] * xr[i];
-                gx += gr[i] * ld(w[i]) * xr[i];
+                gx += gr[i] * norm_w<OFFSET>(w[i], off) * xr[i];
             }
             const float inv = 1.0f / sqrtf(ss / (float)D + eps);
             const float c = inv * inv * inv * (gx / (float)D);
             for (int64_t i = 0; i < D; i++) {
-                dx[r * D + i] = inv * gr[i] * ld(w[i]) - xr[i] * c;
+                dx[r * D + i] = inv * gr[i] * norm_w<OFFSET>(w[i], off) - xr[i] * c;
                 p[i] += gr[i] * xr[i] * inv;
             }
         }
@@ -174,13 +174,14 @@ static void k_rms_norm_grad_fold(int ith, int nth, const float* part, int64_t ro
 
 // -- rope_grad: the inverse rotation (rope with every angle negated) --------------------------------
 template <typename IT, int64_t H, int64_t D, int64_t ROT>
-static void k_rope_grad(int ith, int nth, const float* dy, const IT* pos, int64_t T, const float* inv_freq, float* dx) {
+static void k_rope_grad(int ith, int nth, const float* dy, const IT* pos, int64_t T, const float* inv_freq, float* dx,
+                        LongRope<IT> lr = {}) {
     int64_t t0, t1;
     split_range(T, ith, nth, 1, &t0, &t1);
     constexpr int64_t half = ROT / 2;
     float tab[2 * half > 0 ? 2 * half : 1];
     for (int64_t t = t0; t < t1; t++) {
-        rope_table<IT>(pos + t, 1, inv_freq, half, tab);
+        rope_rows<IT>(pos, t, 1, inv_freq, lr, half, tab);
         for (int64_t h = 0; h < H; h++) {
             const float* src = dy + (t * H + h) * D;
             float* out = dx + (t * H + h) * D;
@@ -229,6 +230,18 @@ static void k_act_grad(int ith, int nth, const float* dy, const float* x, int64_
     int64_t i0, i1;
     split_range(n, ith, nth, 4 * VW, &i0, &i1);
     if (i1 > i0) act_grad_row<ACT>(dy + i0, x + i0, i1 - i0, out + i0);
+}
+
+// softcap_grad: out = dy (1 - tanh(x / cap)^2) over n values
+static void k_softcap_grad(int ith, int nth, const float* dy, const float* x, int64_t n, float cap, float* out) {
+    int64_t i0, i1;
+    split_range(n, ith, nth, 4 * VW, &i0, &i1);
+    for (int64_t j = i0; j < i1; j += VW) {
+        const int64_t m = i1 - j < VW ? i1 - j : VW;
+        const vf t = vtanh(vload_part(x + j, m) / cap);
+        const vf r = vload_part(dy + j, m) * (1.f - t * t);
+        memcpy(out + j, &r, m * sizeof(float));
+    }
 }
 
 // y = (gate, up) rows of 2F: out = (dh up act'(gate), dh act(gate))

@@ -10,7 +10,8 @@
 //             dhead[tile] += dz^T x (rows of dhead are the thread's own) and the thread's share of
 //             dx += dz head[tile] into its own scratch; k_cross_entropy_dx adds the shares
 // Rows whose target is the ignore index get lse 0, loss 0 and no gradient. A target outside [0, V)
-// that is not the ignore index makes the loss NaN.
+// that is not the ignore index makes the loss NaN. CAP (Gemma 2's final soft-capping): the logits are
+// cap * tanh(z / cap), and dz carries the factor 1 - tanh^2.
 
 template <typename WT>
 static inline const float* head_rows(const WT* head, int64_t D, int64_t v0, int64_t n, float* buf) {
@@ -43,9 +44,10 @@ static inline float row_sumexp(const float* z, int64_t n, float m) {
 }
 
 // lse[T] and per-row losses nll[T] (shared scratch); work: per-thread [CR * CVB + CVB * D + 3 CR]
-template <typename WT, typename IT, int64_t CR, int64_t CVB>
+template <typename WT, typename IT, int64_t CR, int64_t CVB, bool CAP = false>
 static void k_linear_cross_entropy(int ith, int nth, const float* x, int64_t T, int64_t D, const WT* head, int64_t V,
-                                   const IT* targets, int64_t ignore, float* lse, float* nll, float* work) {
+                                   const IT* targets, int64_t ignore, float* lse, float* nll, float* work,
+                                   float cap = 0.f) {
     int64_t t0, t1;
     split_range(T, ith, nth, 1, &t0, &t1);
     float* z = work;                 // [CR, CVB]
@@ -60,7 +62,8 @@ static void k_linear_cross_entropy(int ith, int nth, const float* x, int64_t T, 
             const int64_t nv = V - vb < CVB ? V - vb : CVB;
             sgemm_ex(false, true, n, nv, D, x + c * D, D, head_rows<WT>(head, D, vb, nv, buf), D, 0.f, z, nv);
             for (int64_t i = 0; i < n; i++) {
-                const float* zr = z + i * nv;
+                float* zr = z + i * nv;
+                if constexpr (CAP) softcap_row(zr, nv, cap);
                 const float bm = row_max(zr, nv), mn = bm > m[i] ? bm : m[i];
                 s[i] = s[i] * expf(m[i] - mn) + row_sumexp(zr, nv, mn);   // e^-inf = 0 on the first tile
                 m[i] = mn;
@@ -88,10 +91,11 @@ static void k_cross_entropy_sum(int ith, int nth, const float* nll, int64_t T, c
 
 // dhead[V, D] and each thread's share of dx in part = its own scratch [T, D]; work: per-thread
 // [CR * CVB + CVB * D] after part. dloss may be null (1).
-template <typename WT, typename IT, int64_t CR, int64_t CVB>
+template <typename WT, typename IT, int64_t CR, int64_t CVB, bool CAP = false>
 static void k_linear_cross_entropy_grad(int ith, int nth, const float* x, int64_t T, int64_t D, const WT* head,
                                         int64_t V, const IT* targets, int64_t ignore, const float* scale,
-                                        const float* lse, const float* dloss, float* dhead, float* part, float* work) {
+                                        const float* lse, const float* dloss, float* dhead, float* part, float* work,
+                                        float cap = 0.f) {
     int64_t v0, v1;
     split_range(V, ith, nth, 16, &v0, &v1);
     const float G = *scale * (dloss ? *dloss : 1.f);
@@ -113,6 +117,18 @@ static void k_linear_cross_entropy_grad(int ith, int nth, const float* x, int64_
                     continue;
                 }
                 const float L = lse[c + i];
+                if constexpr (CAP) {   // t = tanh(z / cap): dz = G (e^(cap t - L) - onehot) (1 - t^2)
+                    for (int64_t j = 0; j < nv; j += VW) {
+                        const int64_t mm = nv - j < VW ? nv - j : VW;
+                        const vf t = vtanh(vload_part(zr + j, mm) / cap);
+                        vf d = vexp(t * cap - L) * G;
+                        for (int64_t l = 0; l < mm; l++)
+                            if (vb + j + l == tg) d[l] -= G;
+                        d = d * (1.f - t * t);
+                        memcpy(zr + j, &d, mm * sizeof(float));
+                    }
+                    continue;
+                }
                 VLOOP(nv, vstore(zr + j, vexp(vload(zr + j) - L) * G), zr[j] = expf(zr[j] - L) * G);
                 if (tg >= vb && tg < vb + nv) zr[tg - vb] -= G;
             }

@@ -15,6 +15,42 @@ static void rope_table(const IT* pos, int64_t T, const float* inv_freq, int64_t 
     }
 }
 
+// longrope (Phi-3): a row whose sequence reaches past `orig` positions in this batch (ext[t] > orig:
+// ext is the seq_extent op's output) rotates with the long factors' frequencies, the others with
+// the short ones; cos and sin are scaled by mscale. inv_long null: not longrope.
+template <typename IT>
+struct LongRope {
+    const float* inv_long;
+    const IT* ext;
+    int64_t orig;
+    float mscale;
+};
+
+// rope_table for rows 0..T-1 of pos / ext under longrope (inv_short: the short factors' frequencies)
+template <typename IT>
+static void rope_table_long(const IT* pos, const IT* ext, int64_t T, const float* inv_short, const LongRope<IT>& lr,
+                            int64_t half, float* tab) {
+    for (int64_t t = 0; t < T; t++) {
+        const float* inv = (int64_t)ext[t] > lr.orig ? lr.inv_long : inv_short;
+        const float p = (float)pos[t];
+        for (int64_t i = 0; i < half; i++) {
+            const float a = p * inv[i];
+            tab[t * 2 * half + i] = cosf(a) * lr.mscale;
+            tab[t * 2 * half + half + i] = sinf(a) * lr.mscale;
+        }
+    }
+}
+
+// rows t0..t0+T-1 of the table, by rope_table or (longrope) rope_table_long
+template <typename IT>
+static inline void rope_rows(const IT* pos, int64_t t0, int64_t T, const float* inv_freq, const LongRope<IT>& lr,
+                             int64_t half, float* tab) {
+    if (lr.inv_long)
+        rope_table_long<IT>(pos + t0, lr.ext + t0, T, inv_freq, lr, half, tab);
+    else
+        rope_table<IT>(pos + t0, T, inv_freq, half, tab);
+}
+
 // in-place rotate-half rotary embedding of one head vector
 static inline void rope_apply(float* h, const float* tab, int64_t half) {
     for (int64_t i = 0; i < half; i++) {
@@ -24,23 +60,26 @@ static inline void rope_apply(float* h, const float* tab, int64_t half) {
     }
 }
 
-static inline void rms_apply(float* h, const float* w, int64_t D, float eps) {
+// OFFSET: the norm scales by off + w (Gemma's 1 + w)
+template <bool OFFSET = false>
+static inline void rms_apply(float* h, const float* w, int64_t D, float eps, float off = 0.f) {
     float ss = 0.f;
     for (int64_t i = 0; i < D; i++) ss += h[i] * h[i];
     float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int64_t i = 0; i < D; i++) h[i] = h[i] * inv * w[i];
+    for (int64_t i = 0; i < D; i++) h[i] = h[i] * inv * (OFFSET ? w[i] + off : w[i]);
 }
 
+// norm_off: the q/k norms' offset (0: none); lr: longrope (default: none)
 template <typename WT, typename IT, int64_t K, int64_t H, int64_t HKV, int64_t D, int64_t ROT>
 static void k_qkv_rope(int ith, int nth, const float* x, int64_t T, const WT* W, const float* b, const IT* pos,
                        const float* qn, const float* kn, float eps, const float* inv_freq, float* q, float* k,
-                       float* v, float* scratch) {
+                       float* v, float* scratch, float norm_off = 0.f, LongRope<IT> lr = {}) {
     const int64_t HT = H + 2 * HKV;
     int64_t h0, h1;
     split_range(HT, ith, nth, 1, &h0, &h1);
     if (h0 >= h1) return;
     float* tab = scratch;                                   // [T, ROT]
-    rope_table<IT>(pos, T, inv_freq, ROT / 2, tab);
+    rope_rows<IT>(pos, 0, T, inv_freq, lr, ROT / 2, tab);
     const int64_t CH = T <= GEMV_MAX_T ? (h1 - h0) : (GEMM_CHUNK / D > 0 ? GEMM_CHUNK / D : 1);
     float* y = tab + T * ROT;                               // [T, CH * D]
     float* wbuf = y + T * CH * D;
@@ -55,11 +94,11 @@ static void k_qkv_rope(int ith, int nth, const float* x, int64_t T, const WT* W,
                     for (int64_t i = 0; i < D; i++) hv[i] += b[head * D + i];
                 float* out;
                 if (head < H) {
-                    if (qn) rms_apply(hv, qn, D, eps);
+                    if (qn) norm_off != 0.f ? rms_apply<true>(hv, qn, D, eps, norm_off) : rms_apply(hv, qn, D, eps);
                     rope_apply(hv, tab + t * ROT, ROT / 2);
                     out = q + (t * H + head) * D;
                 } else if (head < H + HKV) {
-                    if (kn) rms_apply(hv, kn, D, eps);
+                    if (kn) norm_off != 0.f ? rms_apply<true>(hv, kn, D, eps, norm_off) : rms_apply(hv, kn, D, eps);
                     rope_apply(hv, tab + t * ROT, ROT / 2);
                     out = k + (t * HKV + head - H) * D;
                 } else {

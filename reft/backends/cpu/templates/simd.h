@@ -208,3 +208,16 @@ static inline vf vexp(vf x) {
     const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return (vf)((vi)(p * (vf)e) & ~zero);
 }
+
+// tanh per lane as 1 - 2 / (e^2z + 1) (absolute error ~1e-7; +-1 beyond |z| ~ 44)
+static inline vf vtanh(vf z) { return 1.f - 2.f / (vexp(z + z) + 1.f); }
+
+// y[0:n] = cap * tanh(y / cap) (logit soft-capping), VW values at a time with the last vector partial,
+// so a value never depends on where in the row it falls
+static inline void softcap_row(float* y, int64_t n, float cap) {
+    for (int64_t j = 0; j < n; j += VW) {
+        const int64_t m = n - j < VW ? n - j : VW;
+        const vf r = vtanh(vload_part(y + j, m) / cap) * cap;
+        memcpy(y + j, &r, m * sizeof(float));
+    }
+}
