@@ -104,7 +104,7 @@ def kv_layout(graph: Graph, page_size: int) -> dict | None:
 class CompileOptions:
     """Everything `reftc compile` takes besides the model and the output folder."""
     backend: str | None = None          # a name in reft.backends.names(); None = the best for this machine
-    dtype: str = "float32"              # storage dtype of float weights
+    dtype: str | None = None            # storage dtype of float weights (None: the backend's default, float32 on cpu)
     dump_dir: str | Path | None = None  # --dump (or REFT_DUMP)
     model_def: str | Path | None = None
     page_size: int = 16
@@ -113,12 +113,19 @@ class CompileOptions:
     quant: str | None = None
     group_size: int = 32
     quant_head: bool = False
-    kv_dtype: str = "float32"
+    kv_dtype: str | None = None         # None: the backend's default (float32 on cpu)
     calibrate: str | Path | None = None
-    target: str | None = None           # backend option: cpu instruction set
+    target: str | None = None           # backend option: cpu instruction set, or cuda architecture
 
     def backend_options(self) -> BackendOptions:
-        return BackendOptions(target=self.target, max_batch_tokens=self.max_batch_tokens)
+        return BackendOptions(target=self.target, max_batch_tokens=self.max_batch_tokens,
+                              dtype=self.dtype or "float32", progress=self.progress)
+
+    def resolve(self, backend) -> "CompileOptions":
+        """dtype and kv_dtype the user left unset take the backend's defaults (float32 elsewhere)."""
+        d = getattr(backend, "option_defaults", lambda o: {})(self)
+        return dataclasses.replace(self, dtype=self.dtype or d.get("dtype", "float32"),
+                                   kv_dtype=self.kv_dtype or d.get("kv_dtype", "float32"))
 
     def check(self) -> None:
         """Bad option values fail before any work."""
@@ -165,6 +172,7 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
     if opts.dump_dir is None and settings.dump_dir() is not None:
         opts = dataclasses.replace(opts, dump_dir=settings.dump_dir())
     backend = backends.get(opts.backend) if opts.backend else backends.default()
+    opts = opts.resolve(backend)
     backend.check_options(opts.backend_options())
     opts.check()
     source = open_source(model, opts.model_def)

@@ -8,7 +8,9 @@ os.environ for its own settings.
   REFT_WEIGHTS    str, auto  cpu backend: how plan weights reach memory. map: read-only mmap of the file
                              (no copy); read: read into anonymous (huge-page) memory; auto: map, and read
                              when the kernel backs under half the mapping with 2 MiB pages
-  REFT_CACHE_DIR  path       cpu backend: cache of compiled kernel libraries [~/.cache/reft/kernels]
+  REFT_CACHE_DIR  path       compiled kernel cache: cpu libraries, cuda cubins (in cuda/) [~/.cache/reft/kernels]
+  REFT_CUDA_GRAPHS int, 64   cuda: steps of at most this many tokens replay as CUDA graphs; 0: off
+  REFT_CUDA_SYNC  int, 0     cuda: 1 waits after every launch and names a failing kernel (graphs off)
   CXX             path       cpu backend: the host C++ compiler [g++, then c++]
   REFT_DUMP       path       as `reftc compile --dump DIR`: write numbered IR dumps, kernels and the memory plan
 """
@@ -32,6 +34,8 @@ KNOBS = {k.name: k for k in [
     Knob("REFT_WEIGHTS", str, "auto", "cpu weights: map | read | auto"),
     Knob("REFT_CACHE_DIR", Path, None, "compiled kernel cache [~/.cache/reft/kernels]"),
     Knob("CXX", str, None, "host C++ compiler [g++, c++]"),
+    Knob("REFT_CUDA_GRAPHS", int, 64, "cuda: steps of at most this many tokens replay as CUDA graphs; 0: off"),
+    Knob("REFT_CUDA_SYNC", int, 0, "cuda: 1 waits after every launch and names a failing kernel (graphs off)"),
     Knob("REFT_DUMP", Path, None, "dump folder, as --dump"),
 ]}
 WEIGHT_MODES = ("auto", "map", "read")
@@ -69,3 +73,17 @@ def cxx() -> str | None:
 def dump_dir() -> Path | None:
     v = _raw("REFT_DUMP")
     return Path(v) if v else None
+
+
+def cuda_graphs() -> int:
+    """REFT_CUDA_GRAPHS: the largest step (tokens) replayed as a CUDA graph; 0 turns graphs off."""
+    v = _raw("REFT_CUDA_GRAPHS")
+    try:
+        return max(0, int(v)) if v is not None else 64
+    except ValueError:
+        return 64
+
+
+def cuda_sync() -> bool:
+    """REFT_CUDA_SYNC=1: synchronize after every cuda launch, so a failing kernel is named."""
+    return _raw("REFT_CUDA_SYNC") not in (None, "0")

@@ -3,11 +3,14 @@
 A backend is one object, registered by name (reft/backends/registry.py):
 
   name, describe(options)         its name, and the target it compiles for ("numpy", "avx512 ...")
+  option_defaults(compile_options) (optional) dtype/kv_dtype it picks when the user sets none
   passes                          passes it wants after the shared pipeline (reft/passes/pipeline.py)
   compile(graphs, kernels_dir, options, memory_plans) -> record
                                   turn a plan's entry graphs into what runs (kernels/ files); the
                                   record goes to the manifest's `backend` field
   weight_layout(record)           the physical layout of each weight it wants: name -> WeightLayout
+  available() / runnable()        whether this machine can compile plans / run them (cuda compiles anywhere
+                                  NVRTC is installed, runs only where a GPU is)
   load(plan, options) -> Executable
 
 The runtime talks only to the Executable: `run(feeds, entry)` runs one entry point with named
@@ -35,11 +38,15 @@ class BackendOptions:
     threads   threads a step runs on (cpu; None = physical cores)
     writable  place weights in writable memory even if no entry point declares writable parameters
     max_batch_tokens  most tokens one step holds (arena and scratch are sized for it)
+    dtype     storage dtype of the plan's float weights (cuda: the compute dtype of its kernels)
+    progress  show progress bars for long work (kernel compiles)
     """
     target: str | None = None
     max_batch_tokens: int = 512
     threads: int | None = None
     writable: bool = False
+    dtype: str = "float32"
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Backend(Protocol):
     passes: list
 
     def available(self) -> bool: ...
+    def runnable(self) -> bool: ...
     def describe(self, options: BackendOptions) -> str: ...
     def check_options(self, options: BackendOptions) -> None: ...
     def compile(self, graphs: Mapping, kernels_dir: Path, options: BackendOptions,

@@ -11,7 +11,8 @@ import importlib
 from ..errors import PlanError, ReftError
 from .base import Backend
 
-BUILTIN = {"cpu": "reft.backends.cpu.backend", "reference": "reft.backends.reference"}
+BUILTIN = {"cpu": "reft.backends.cpu.backend", "reference": "reft.backends.reference",
+           "cuda": "reft.backends.cuda.backend"}
 _REGISTRY: dict[str, Backend] = {}
 
 

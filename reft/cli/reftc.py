@@ -29,11 +29,12 @@ def main():
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Plan directory to write (replaced atomically if it already holds a plan).")
 @click.option("--backend", default=None, type=click.Choice(backend_names()),
-              help="Code generator: 'cpu' emits fused C++ kernels compiled by the host compiler; 'reference' runs"
+              help="Code generator: 'cpu' emits fused C++ kernels compiled by the host compiler; 'cuda' emits CUDA"
+                   " kernels compiled by NVRTC into cubins for --arch (no GPU needed to compile); 'reference' runs"
                    " the IR with numpy (the oracle every other backend is tested against). [default: cpu]")
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Storage dtype of weight matrices (compute is float32).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Storage dtype of weight matrices. cpu computes in float32 [default: float32]; cuda computes"
+                   " in this dtype with float32 accumulation [default: bfloat16].")
 @click.option("--dump", "dump_dir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after every pass (NNN_<pass>.ir) and a .dot drawing of the final graph here.")
 @click.option("--model-def", type=click.Path(path_type=Path), default=None,
@@ -51,15 +52,18 @@ def main():
 @click.option("--calibrate", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A text file: scale weight input channels by their activation size on it before --quant"
                    " (AWQ-style, folded into the RMSNorm weights).")
-@click.option("--kv-dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]), help="Storage dtype of the KV cache.")
+@click.option("--kv-dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Storage dtype of the KV cache. [default: float32 on cpu, the weights' dtype on cuda]")
 @click.option("--target", default=None, type=click.Choice(["avx512", "avx2", "neon", "generic"]),
               help="CPU instruction set the cpu backend compiles for: avx512 (x86-64-v4), avx2 (x86-64-v3: AVX2,"
                    " FMA, F16C), neon (aarch64; cross-compiled with aarch64-linux-gnu-g++ on other hosts), generic"
                    " (the architecture's baseline). [default: this machine's best]")
+@click.option("--arch", default=None, type=click.Choice(["sm_80", "sm_89", "sm_90a"]),
+              help="GPU architecture the cuda backend compiles for: sm_80 (A100), sm_89 (L4, L40, RTX 40), sm_90a"
+                   " (H100, H200). [default: this machine's GPU, else sm_90a]")
 @friendly_errors
 def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens, quant, group_size,
-            quant_head, calibrate, kv_dtype, target):
+            quant_head, calibrate, kv_dtype, target, arch):
     """Compile MODEL into a plan directory.
 
     MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a llama.cpp
@@ -71,8 +75,30 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batc
     compile_model(model, out, CompileOptions(
         backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def, page_size=page_size,
         max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant, group_size=int(group_size),
-        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=target))
+        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=_target(backend, target, arch)))
     click.echo(f"wrote plan {out}")
+
+
+def _device_kernels(be: dict) -> None:
+    """Compiled device kernels (cuda): launches per step, then each kernel's tile and ptxas figures."""
+    for entry, e in be.get("entries", {}).items():
+        click.echo(f"kernels     {entry}: {len(e['steps'])} launch steps (a step runs the kernel whose token"
+                   " range holds the batch)")
+    click.echo(f"  {'kernel':<58} {'tile / launch':<34} {'regs':>4} {'smem':>9} {'spills':>6}")
+    for name, k in sorted(be["kernels"].items()):
+        r = k["resources"]
+        smem = k["smem"] + r["smem"]
+        click.echo(f"  {name:<58} {k['tile'][:34]:<34} {r['registers']:>4} {_human(smem):>9}"
+                   f" {r['spill_stores'] + r['spill_loads']:>6}")
+
+
+def _target(backend, target, arch):
+    """--target (cpu instruction set) and --arch (GPU architecture) both name the backend's target."""
+    from ..errors import ReftError
+
+    if target and arch:
+        raise ReftError("--target is the cpu backend's instruction set and --arch the cuda backend's GPU; give one")
+    return arch or target   # the backend checks that the name is one of its own
 
 
 def _human(n: float) -> str:
@@ -135,6 +161,8 @@ def inspect(plan, as_json):
     kernels = be.get("kernels", [])
     if not kernels:
         click.echo("kernels     none: the reference backend interprets the IR")
+    elif isinstance(kernels, dict):
+        _device_kernels(be)
     else:
         click.echo(f"kernels     {len(kernels)} calls per step in one generated function ({be['kernel']['source']})")
         counts: dict[str, int] = {}

@@ -88,8 +88,11 @@ class Sampler:
         p = self.params
         z = self.penalize(logits, output_ids, allowed) / p.temperature
         idx = np.arange(z.size)
-        if 0 < p.top_k < z.size:
-            idx = np.argpartition(-z, p.top_k - 1)[:p.top_k]
+        if 0 < p.top_k < z.size:   # the k largest, ties at the k-th to the lower id; in decreasing order, so a
+            kth = np.partition(z, z.size - p.top_k)[z.size - p.top_k]   # draw does not depend on numpy's internals
+            above = np.flatnonzero(z > kth)
+            idx = np.concatenate([above, np.flatnonzero(z == kth)[:p.top_k - above.size]])
+            idx = idx[np.lexsort((idx, -z[idx]))]
             z = z[idx]
         if p.top_p < 1.0:  # needs the tokens in order of probability
             order = np.argsort(-z, kind="stable")

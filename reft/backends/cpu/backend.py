@@ -39,6 +39,9 @@ class CpuBackend:
     def available(self) -> bool:
         return bool(shutil.which("g++") or shutil.which("c++"))
 
+    def runnable(self) -> bool:
+        return self.available()
+
     def target(self, options: BackendOptions) -> str:
         return options.target or host_target()
 

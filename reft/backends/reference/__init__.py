@@ -39,6 +39,9 @@ class ReferenceBackend:
     def available(self) -> bool:
         return True
 
+    def runnable(self) -> bool:
+        return True
+
     def describe(self, options: BackendOptions) -> str:
         return "numpy"
 
