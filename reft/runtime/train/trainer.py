@@ -207,9 +207,8 @@ class Trainer:
                       dynamic_ncols=True) as bar:
                 while self.step < self.total:
                     t0 = time.perf_counter()
-                    rec = self._optimizer_step()
+                    rec = self.step_once()
                     dt = time.perf_counter() - t0
-                    self.step += 1
                     rec = {"step": self.step, **rec, "tokens_per_s": rec["tokens"] / dt,
                            "elapsed": self.elapsed0 + time.perf_counter() - start}
                     _write(metrics, rec)
@@ -228,6 +227,13 @@ class Trainer:
             metrics.close()
             self.close()
         return last
+
+    def step_once(self) -> dict:
+        """One optimizer step on the next batch (no metrics, evaluation or checkpoint): {loss, lr,
+        grad_norm, tokens}. train() calls it; so does tools/bench_train.py."""
+        rec = self._optimizer_step()
+        self.step += 1
+        return rec
 
     def _feeds(self, b: Batch, scale: np.float32) -> dict[str, np.ndarray]:
         return {**b.feeds(), "loss_scale": np.asarray(scale, np.float32)}
