@@ -8,6 +8,7 @@ the plan allows. No GPU is needed. load: the driver-API runtime (runtime.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping
 
@@ -64,11 +65,14 @@ class CudaBackend:
         arch, dtype = self.arch(options), options.dtype
         plans = memory_plans or {}
         lows = {e: lower(g, arch, dtype, options.max_batch_tokens, plans.get(e)) for e, g in graphs.items()}
-        kernels = {}
+        kernels, users = {}, {}
         for low in lows.values():
             for name, k in low.kernels.items():
                 if kernels.setdefault(name, k) != k:
                     raise ReftError(f"cuda backend: two different kernels are named {name}")
+            for s in low.steps:
+                seen = users.setdefault(s.kernel.name, [])
+                seen += [n for n in s.kernel.nodes if n not in seen]
         bar = _bar(len(kernels), options.progress)
         compiled = compile_kernels(list(kernels.values()), arch, progress=lambda _: bar.update(1) if bar else None)
         if bar:
@@ -77,7 +81,8 @@ class CudaBackend:
         records = {}
         for name, k in kernels.items():
             c = compiled[name]
-            (kernels_dir / f"{c.digest}.cu").write_text(c.source)
+            # the source as compiled, with a comment naming every IR node the kernel serves
+            (kernels_dir / f"{c.digest}.cu").write_text(dataclasses.replace(k, nodes=tuple(users[name])).render())
             (kernels_dir / f"{c.digest}.cubin").write_bytes(c.cubin)
             r = c.resources
             if r.spill_stores or r.spill_loads:
@@ -88,7 +93,7 @@ class CudaBackend:
                 "smem": k.smem, "workspace": k.workspace,
                 "tmaps": [[n, {"tensor": t.tensor, "dtype": t.dtype, "dims": list(t.dims), "strides": list(t.strides),
                                "box": list(t.box), "swizzle": t.swizzle}] for n, t in k.tmaps],
-                "tile": k.tile, "resources": r.to_json(), "nodes": list(k.nodes), "compile_seconds": round(c.seconds, 2)}
+                "tile": k.tile, "resources": r.to_json(), "nodes": users[name], "compile_seconds": round(c.seconds, 2)}
         for e, low in lows.items():
             check_geometry(a, low, records, options.max_batch_tokens)
         entries = {e: {"inputs": low.inputs, "params": low.params, "symbols": low.symbols,

@@ -9,6 +9,7 @@ nvidia-cuda-cccl 13.0 (cuda/std) and nvidia-cutlass (CUTLASS, CuTe).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -295,7 +296,8 @@ def compile_kernels(kernels: list[Kernel], arch: str, jobs: int | None = None, c
             raise ValueError(f"two different kernels are named {k.name}")
     flags = flags_for(arch)
     ordered = sorted(uniq.values(), key=lambda k: not k.heavy)   # slow instantiations first
-    sources = {k.name: k.render() for k in ordered}
+    # rendered without the IR-node comments: one cache entry per instantiation, whichever nodes use it
+    sources = {k.name: dataclasses.replace(k, nodes=()).render() for k in ordered}
     digests = {n: source_hash(src, flags, version) for n, src in sources.items()}
     root = _ensure(cache_root() if cache else Path(tempfile.mkdtemp(prefix="reft-nvrtc-")))
     results: dict[str, dict] = {}
