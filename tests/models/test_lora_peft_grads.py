@@ -20,7 +20,7 @@ import copy
 import numpy as np
 import pytest
 from hf_tiny import CASES, make_model
-from test_train_grads import IGNORE, batch, pretrain_batch, sft_batch
+from test_train_grads import batch, pretrain_batch, sft_batch, weighted_loss
 
 from reft import backends
 from reft.compiler import TrainPlanOptions, compile_train_plan
@@ -103,11 +103,7 @@ def reft_name(peft_name: str) -> str:
 def peft_loss_and_grads(model, seqs, labels):
     """Mean token loss over both sequences and every adapter tensor's gradient (reft's names)."""
     model.zero_grad()
-    counts = [sum(1 for x in lab[1:] if x != IGNORE) for lab in labels]
-    total = 0
-    for s, lab, c in zip(seqs, labels, counts):
-        out = model(input_ids=torch.tensor([s]), labels=torch.tensor([lab]))
-        total = total + out.loss * (c / sum(counts))
+    total = weighted_loss(model, seqs, labels)
     total.backward()
     return float(total.detach()), {reft_name(n): p.grad.numpy().copy()
                                    for n, p in model.named_parameters() if p.requires_grad}

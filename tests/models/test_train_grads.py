@@ -49,15 +49,20 @@ def batch(seqs: list[list[int]], labels: list[list[int]]) -> dict[str, np.ndarra
             "loss_scale": np.array(1.0 / n, np.float32)}
 
 
-def hf_loss_and_grads(hf, seqs, labels):
-    """Mean token loss over both sequences (HF's per-sequence means weighted by their target counts)
-    and every parameter's gradient, in float64."""
-    model = copy.deepcopy(hf).double()
+def weighted_loss(model, seqs, labels):
+    """Mean token loss over the sequences: HF's per-sequence means weighted by their target counts."""
     counts = [sum(1 for x in lab[1:] if x != IGNORE) for lab in labels]
     total = 0
     for s, lab, c in zip(seqs, labels, counts):
         out = model(input_ids=torch.tensor([s]), labels=torch.tensor([lab]))
         total = total + out.loss * (c / sum(counts))
+    return total
+
+
+def hf_loss_and_grads(hf, seqs, labels):
+    """Mean token loss over both sequences and every parameter's gradient, in float64."""
+    model = copy.deepcopy(hf).double()
+    total = weighted_loss(model, seqs, labels)
     total.backward()
     return float(total.detach()), {k: p.grad.numpy() for k, p in model.named_parameters()}
 
