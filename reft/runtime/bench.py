@@ -3,6 +3,12 @@
 ppN: one step of N prompt tokens on an empty KV cache. tgN: N single-token decode steps
 starting from an empty cache. Each test runs once to warm up, then `repetitions` times;
 tokens/s is reported as mean and standard deviation over the repetitions.
+
+Speculative decoding (`bench_speculative`, `reft bench --draft/--spec-ngram`) needs real text, since
+drafts are only accepted where the model would say them: a prompt is decoded greedily through the
+serving engine without and then with the drafter, in the same run, and the generated tokens must
+be identical (they are compared); reported are both decode speeds, the speed-up, the acceptance
+rate and the mean accepted length.
 """
 from __future__ import annotations
 
@@ -101,3 +107,65 @@ def format_table(results: list[BenchResult]) -> str:
         rows.append(f"\npeak RSS {r.peak_rss_bytes / 2**20:.0f} MiB (weights {r.size_bytes / 2**20:.0f} MiB,"
                     f" KV cache {r.kv_cache_bytes / 2**20:.0f} MiB), plan load {r.load_s:.2f} s")
     return "\n".join(rows)
+
+
+@dataclass
+class SpecBenchResult:
+    drafter: str
+    spec_tokens: int
+    prompt_tokens: int
+    generated: int
+    plain_tokens_per_s: float
+    spec_tokens_per_s: float
+    acceptance_rate: float
+    mean_accepted_length: float
+    identical: bool
+
+    @property
+    def speedup(self) -> float:
+        return self.spec_tokens_per_s / self.plain_tokens_per_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def _decode(engine: Engine, ids: list[int], gen: int, drafter, spec_tokens: int):
+    """Greedy decode of `ids` through the serving engine: (generated ids, decode seconds, spec stats).
+    The clock starts after the first token (prefill is not decoding)."""
+    from .sampler import SamplingParams
+    from .serving import Request, ServingEngine
+
+    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens)
+    serving.add(Request("bench", list(ids), gen, SamplingParams(temperature=0)))
+    out, t0 = [], None
+    while serving.has_work:
+        for o in serving.step():
+            out += o.token_ids
+        if t0 is None:
+            t0 = time.perf_counter()
+            first = len(out)
+    engine.pool.reset_prefix_cache()
+    return out, time.perf_counter() - t0, first, serving.spec
+
+
+def bench_speculative(engine: Engine, drafter, ids: list[int], gen: int, repetitions: int,
+                      spec_tokens: int) -> SpecBenchResult:
+    """Plain greedy decoding of `ids` against speculative decoding with `drafter`, same run."""
+    _decode(engine, ids, gen, None, spec_tokens)                      # warm-up
+    plain, spec, stats = [], [], None
+    for _ in range(repetitions):
+        want, secs, first, _ = _decode(engine, ids, gen, None, spec_tokens)
+        plain.append((len(want) - first) / secs)
+        got, secs, first, stats = _decode(engine, ids, gen, drafter, spec_tokens)
+        spec.append((len(got) - first) / secs)
+    return SpecBenchResult(drafter.name, spec_tokens, len(ids), len(want), float(np.mean(plain)),
+                           float(np.mean(spec)), stats.acceptance_rate, stats.mean_accepted_length, got == want)
+
+
+def format_spec(r: SpecBenchResult) -> str:
+    return "\n".join([
+        "| drafter | k | prompt | generated | plain t/s | speculative t/s | speed-up | acceptance | mean accepted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r.drafter} | {r.spec_tokens} | {r.prompt_tokens} | {r.generated} | {r.plain_tokens_per_s:.2f}"
+        f" | {r.spec_tokens_per_s:.2f} | {r.speedup:.2f}x | {r.acceptance_rate:.2f} | {r.mean_accepted_length:.2f} |",
+        "" if r.identical else "\nWARNING: the speculative output differs from plain greedy decoding"])

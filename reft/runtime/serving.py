@@ -21,6 +21,11 @@ Notable:
   call after the forward and applied by their samplers, so constrained and free sequences share
   batches. The matcher takes each accepted token; EOS is allowed (even with ignore_eos) only where
   the grammar may end, and a sequence whose grammar is complete stops there ("stop").
+- Speculative decoding (`drafter`, reft/runtime/speculative.py): after scheduling, decoding
+  sequences get up to `spec_tokens` draft tokens appended to their chunk (within the step's token
+  budget and the free pages); the step returns every row of those chunks, `_verify` samples them
+  in order while the draws equal the drafts, and the sequence's tokens and cached length are
+  rolled back to what was accepted before the prefix cache sees any page.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .grammar import Constraint, GrammarCompiler
 from .kv_cache import Sequence
 from .sampler import Sampler, SamplingParams, logprobs
 from .scheduler import Scheduler
+from .speculative import SpecStats
 from .stop import StopStrings
 
 
@@ -114,7 +120,9 @@ class _State:
 
 class ServingEngine:
     def __init__(self, engine: Engine, *, max_num_seqs: int = 64, max_batch_tokens: int | None = None,
-                 max_model_len: int | None = None, observer=None):
+                 max_model_len: int | None = None, observer=None, drafter=None, spec_tokens: int = 4):
+        """drafter: an NgramDrafter or ModelDrafter (speculative decoding) proposing up to
+        `spec_tokens` tokens per decoding sequence and step; None decodes one token per step."""
         self.engine = engine
         self.pool = engine.pool
         self.tokenizer = engine.tokenizer
@@ -132,6 +140,10 @@ class ServingEngine:
         self._by_seq: dict[Sequence, _State] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        if drafter is not None and spec_tokens < 1:
+            raise RequestError(f"spec_tokens must be >= 1, got {spec_tokens}")
+        self.drafter, self.spec_tokens = drafter, spec_tokens
+        self.spec = SpecStats()
 
     # --- requests in and out -----------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -197,15 +209,25 @@ class ServingEngine:
             st = self._by_seq[c.seq]
             if st.cached_tokens is None:
                 st.cached_tokens = c.seq.cached
+        drafts: dict = {}
         try:
+            drafts = self._draft(plan)
             rows = self.engine.step(plan.chunks)
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+            for seq, d in drafts.items():
+                del seq.tokens[len(seq.tokens) - len(d):]
             return [self._finish(self._by_seq[c.seq], "error", f"{type(e).__name__}: {e}") for c in plan.chunks]
+        for seq, d in drafts.items():   # drafts leave the sequence until verified (the prefix cache
+            del seq.tokens[len(seq.tokens) - len(d):]   # must never name a page after them)
+            seq.cached = len(seq.tokens)
         self.scheduler.completed(plan)
         now = time.monotonic()
         outs, ready = [], []
         for c, start, r in zip(plan.chunks, starts, rows):
             st = self._by_seq[c.seq]
+            if c.seq in drafts:
+                outs.append(self._verify(st, r, drafts[c.seq], now))
+                continue
             if c.logits == "all" and st.prompt_logprobs is not None:
                 self._score_prompt(st, start, r)
             if c.logits != "none" and start + c.n == len(c.seq.tokens):
@@ -217,6 +239,54 @@ class ServingEngine:
         for st, logits in ready:
             outs.append(self._advance(st, logits, now, masks.get(st)))
         return outs
+
+    def _draft(self, plan) -> dict:
+        """Append draft tokens to the chunks of decoding sequences (speculative decoding); returns
+        {sequence: its drafts} for the chunks that got any."""
+        if self.drafter is None:
+            return {}
+        left = self.scheduler.max_batch_tokens - plan.tokens
+        wanted, chunks = {}, {}
+        for c in plan.chunks:
+            st = self._by_seq[c.seq]
+            k = min(self.spec_tokens, st.req.max_tokens - len(st.output) - 1,
+                    self.max_model_len - len(c.seq.tokens), left)
+            if (k > 0 and c.n == 1 and c.logits == "last" and c.seq.cached + 1 == len(c.seq.tokens)
+                    and st.matcher is None and st.output):
+                wanted[c.seq], chunks[c.seq] = k, c
+                left -= k
+        if not wanted:
+            return {}
+        drafts = {}
+        for seq, d in self.drafter.propose(wanted).items():
+            pool = self.pool
+            room = (pool.free_pages + len(seq.pages)) * pool.page_size - len(seq.tokens)
+            d = d[:min(wanted[seq], room)]
+            if not d:
+                continue
+            seq.tokens += d
+            seq.reserve(len(seq.tokens))
+            c = chunks[seq]
+            c.n, c.logits = 1 + len(d), "all"
+            drafts[seq] = d
+        return drafts
+
+    def _verify(self, st: _State, rows: np.ndarray, draft: list[int], now: float) -> RequestOutput:
+        """Sample a drafted sequence's rows in order while the draws equal the drafts (rows[i] is
+        the distribution after draft i-1); the K/V of accepted drafts stays cached."""
+        out, accepted = None, 0
+        for i, row in enumerate(rows):
+            out = self._advance(st, row, now, out=out)
+            if out.finished or i == len(draft) or st.output[-1] != draft[i]:
+                break
+            accepted += 1
+        self.spec.steps += 1
+        self.spec.drafted += len(draft)
+        self.spec.accepted += accepted
+        self.spec.emitted += i + 1
+        if not out.finished:
+            st.seq.cached = len(st.seq.tokens) - 1
+        return out
 
     def _masks(self, states: list[_State]) -> dict[_State, np.ndarray]:
         """The grammar masks of the constrained sequences among `states`, computed together."""
@@ -251,10 +321,11 @@ class ServingEngine:
         if st.prompt_scored:
             st.seq.all_logits = False   # the rest (decode, a recompute after preemption) is ordinary
 
-    def _advance(self, st: _State, logits: np.ndarray, now: float, allowed: np.ndarray | None = None
-                 ) -> RequestOutput:
+    def _advance(self, st: _State, logits: np.ndarray, now: float, allowed: np.ndarray | None = None,
+                 out: RequestOutput | None = None) -> RequestOutput:
         """Sample the next token of a sequence whose last token was just computed (among the
-        `allowed` ones when it follows a grammar)."""
+        `allowed` ones when it follows a grammar); `out` is this step's output so far, when the
+        step verifies drafts and yields several tokens."""
         req = st.req
         if allowed is not None and not allowed.any():
             why = st.matcher.get_error() or "dead end"
@@ -266,7 +337,9 @@ class ServingEngine:
             self.observer.token(now - (st.last_token_at or req.arrival), first=st.last_token_at is None)
         st.first_token_at = st.first_token_at or now
         st.last_token_at = now
-        out = self._output(st)
+        if out is None:
+            out = self._output(st)
+        out.completion_tokens = len(st.output)
         if tok in st.stops:
             return self._finish(st, "stop", out=out)
         out.token_ids.append(tok)
@@ -274,7 +347,7 @@ class ServingEngine:
         if req.logprobs is not None:
             lp, top = logprobs(logits, tok, req.logprobs)
             out.logprobs.append(TokenLogprob(tok, lp, top, piece, st.seq.tokens[-1]))
-        out.text = st.text.push(piece)
+        out.text += st.text.push(piece)
         if st.text.stopped:
             return self._finish(st, "stop", out=out)
         if st.matcher is not None:
@@ -300,6 +373,8 @@ class ServingEngine:
             out.text += st.text.push(st.decoder.flush()) + st.text.flush()
         out.finish_reason, out.error = reason, error
         self.scheduler.remove(st.seq)
+        if self.drafter is not None:
+            self.drafter.release(st.seq)
         del self._states[st.req.id]
         del self._by_seq[st.seq]
         if self.observer is not None:

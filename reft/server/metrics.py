@@ -29,7 +29,12 @@ class _EngineState:
                 ("reft_kv_cache_usage_ratio", "Fraction of KV-cache pages held by sequences.",
                  pool.used_pages / max(pool.num_pages, 1)),
                 ("reft_prefix_cache_hit_rate", "Fraction of looked-up full prompt pages found in the prefix cache.",
-                 pool.hit_rate)):
+                 pool.hit_rate),
+                ("reft_spec_decode_acceptance_rate", "Speculative decoding: fraction of draft tokens accepted.",
+                 s.spec.acceptance_rate),
+                ("reft_spec_decode_mean_accepted_length",
+                 "Speculative decoding: tokens generated per verification step (accepted drafts + 1).",
+                 s.spec.mean_accepted_length)):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
                 ("reft_prefix_cache_queries", "Full prompt pages looked up in the prefix cache.", pool.queries),
@@ -37,7 +42,9 @@ class _EngineState:
                 ("reft_prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens_total),
                 ("reft_generation_tokens", "Tokens generated.", s.generation_tokens_total),
                 ("reft_preemptions", "Sequences preempted for lack of KV pages (recomputed later).",
-                 s.scheduler.preemptions)):
+                 s.scheduler.preemptions),
+                ("reft_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified.", s.spec.drafted),
+                ("reft_spec_decode_accepted_tokens", "Speculative decoding: draft tokens accepted.", s.spec.accepted)):
             yield CounterMetricFamily(name, doc, value=value)
 
 
