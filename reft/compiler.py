@@ -2,10 +2,12 @@
 
 Steps: open the model through its frontend (one ModelSource record for a HF folder or a GGUF
 file), build the entry graphs with the family's definition (`forward`, and any ENTRY_POINTS it
-declares), bind their params to the checkpoint (names and shapes must agree), run the shared
-pass pipeline plus the backend's own passes, let the backend (asked from the registry by name)
-compile the entry graphs, then write the plan into a temporary directory that is renamed into
-place only when complete. The manifest is built by reft/plan.py.
+declares), run the --task passes on `forward` (pipeline.TASKS: `embed` makes it return hidden
+states), bind their params to the checkpoint (names and shapes must agree; a base-model checkpoint's
+names without the `model.` prefix are read as the family's), run the shared pass pipeline plus the
+backend's own passes, let the backend (asked from the registry by name) compile the entry graphs,
+then write the plan into a temporary directory that is renamed into place only when complete.
+The manifest is built by reft/plan.py.
 
 `compile_train_plan` does the same for `reft train`: the forward graph through the TRAIN pipeline
 (loss, LoRA, autodiff) and the optimizer pass, float32 master weights, and the parameters the
@@ -23,13 +25,14 @@ import numpy as np
 from . import backends, settings
 from .backends import BackendOptions
 from .errors import ModelError, ReftError
+from .frontends.base_model import base_model_view
 from .frontends.safetensors import write_safetensors
 from .frontends.source import ASSETS, bundled_models, open_source, resolve_model  # noqa: F401
 from .ir import Graph, GraphBuilder, ops, print_graph
 from .ir.types import FLOAT_DTYPES, TensorType
 from .passes.context import PassContext, WeightStore
 from .passes.manager import PassManager
-from .passes.pipeline import PIPELINE
+from .passes.pipeline import PIPELINE, TASKS
 from .plan import atomic_dir, build_manifest, signature, write_manifest  # noqa: F401
 from .progress import progress_bar
 
@@ -78,7 +81,7 @@ def quantization_record(graph: Graph, quant: str | None, group_size: int | None,
     """The manifest's account of which weights are quantized and how (shown by `reftc inspect`)."""
     from .passes.quantize_weights import lm_head
 
-    params = {n.name: n.out.dtype for n in graph.params() if n.out.type.rank == 2}
+    params = {n.name: n.out.dtype for n in graph.params() if n.out.type.rank >= 2}   # matrices, expert stacks
     counts: dict[str, int] = {}
     for dt in params.values():
         counts[dt] = counts.get(dt, 0) + 1
@@ -116,10 +119,15 @@ class CompileOptions:
     kv_dtype: str | None = None         # None: the backend's default (float32 on cpu)
     calibrate: str | Path | None = None
     target: str | None = None           # backend option: cpu instruction set, or cuda architecture
+    task: str = "generate"              # --task: a key of passes.pipeline.TASKS (train plans record "train")
+    deterministic: bool = False         # --deterministic: batch-invariant kernels (BackendOptions.deterministic)
+    max_loras: int = 0                  # --max-loras: LoRA adapter slots served per request (0: none)
+    max_lora_rank: int = 16
+    lora_targets: tuple[str, ...] | None = None   # None: every projection (passes/add_lora_slots.py)
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(target=self.target, max_batch_tokens=self.max_batch_tokens,
-                              dtype=self.dtype or "float32", progress=self.progress)
+                              dtype=self.dtype or "float32", progress=self.progress, deterministic=self.deterministic)
 
     def resolve(self, backend) -> "CompileOptions":
         """dtype and kv_dtype the user left unset take the backend's defaults (float32 elsewhere)."""
@@ -133,6 +141,11 @@ class CompileOptions:
             raise ReftError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.kv_dtype not in DTYPES:
             raise ReftError(f"unknown KV-cache dtype {self.kv_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.task not in TASKS:
+            raise ReftError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ReftError(f"--max-loras must be >= 0 and --max-lora-rank >= 1, got {self.max_loras},"
+                            f" {self.max_lora_rank}")
         if self.quant:
             from .passes.quantize_weights import quant_dtype
 
@@ -181,7 +194,9 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
         graphs = build_entries(source.family, cfg)
     except (TypeError, ValueError, KeyError) as e:
         raise ModelError(f"{source.model_def or source.where}: building the graph failed: {e}") from None
-    weights = source.weights
+    task_pm = PassManager(TASKS[opts.task])
+    graphs["forward"] = task_pm.run(graphs["forward"], PassContext())
+    weights = base_model_view(source.weights, graphs["forward"])
     n_params = bind_weights(graphs["forward"], weights, str(source.path))
     for g in list(graphs.values())[1:]:
         bind_weights(g, weights, str(source.path))
@@ -194,10 +209,13 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
     ctx = PassContext(store, options={"weight_dtype": opts.dtype, "page_size": opts.page_size,
                                       "max_batch_tokens": opts.max_batch_tokens, "quant": opts.quant,
                                       "group_size": opts.group_size, "quant_head": opts.quant_head,
-                                      "kv_dtype": opts.kv_dtype, "calibration_ids": calibration_ids})
+                                      "kv_dtype": opts.kv_dtype, "calibration_ids": calibration_ids,
+                                      "max_loras": opts.max_loras, "max_lora_rank": opts.max_lora_rank,
+                                      "lora_targets": opts.lora_targets})
     with atomic_dir(out) as tmp:
         dumps = tmp / "dumps" if opts.dump_dir else None
         records = run_pipelines(graphs, {e: PIPELINE + list(backend.passes) for e in graphs}, ctx, dumps)
+        records["forward"][:0] = task_pm.records
         write_plan(tmp, source=source, cfg=cfg, n_params=n_params, options=opts, graphs=graphs, records=records,
                    ctx=ctx, backend=backend,
                    quantization=quantization_record(graphs["forward"], opts.quant, opts.group_size,
@@ -273,7 +291,7 @@ class TrainPlanOptions:
 
     def compile_options(self) -> CompileOptions:
         return CompileOptions(backend=self.backend, dtype="float32", dump_dir=self.dump_dir,
-                              max_batch_tokens=self.max_batch_tokens, progress=self.progress)
+                              max_batch_tokens=self.max_batch_tokens, progress=self.progress, task="train")
 
 
 def train_forward(source, cfg, name: str, weights) -> tuple[Graph, int]:
@@ -319,6 +337,7 @@ def compile_train_plan(source, out: str | Path, options: TrainPlanOptions, weigh
     for name, a in (weights or {}).items():
         store.define(name, lambda a=a: a)
     ctx = PassContext(store, options={"trainable": opts.trainable, "lora": opts.lora,
+                                      "quantized_weights": source.weights,   # LoRA keeps a GGUF base in its blocks
                                       "optimizer": opts.optimizer or AdamW(),
                                       "gradient_checkpointing": opts.gradient_checkpointing,
                                       "max_batch_tokens": opts.max_batch_tokens})

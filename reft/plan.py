@@ -67,9 +67,11 @@ def build_manifest(*, source, cfg, n_params: int, options, graphs: dict, backend
     backend: the backend's compile record; writable: entry -> params that entry updates in place.
     """
     from . import __version__
+    from .passes.add_lora_slots import lora_layout
 
     return {
         "reft_version": __version__,
+        "task": options.task,   # generate (forward returns logits) | embed (hidden states) | train
         "model": {"architecture": source.architecture, "family": source.family_name,
                   "config": dataclasses.asdict(cfg), "params": n_params, "source": str(source.path.resolve()),
                   "model_def": _model_def_record(source.model_def), **source.provenance},
@@ -84,6 +86,7 @@ def build_manifest(*, source, cfg, n_params: int, options, graphs: dict, backend
                              **({"writable": sorted(writable[e])} if writable.get(e) else {})}
                          for e, g in graphs.items()},
         "kv_cache": kv,
+        "lora": lora_layout(graphs["forward"]) if "forward" in graphs else None,
         "passes": passes,
         "weights": {"files": ["weights/model.safetensors"], "bytes": weight_bytes, "tensors": n_tensors},
         "ops": graphs.get("forward", next(iter(graphs.values()))).op_counts(),

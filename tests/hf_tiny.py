@@ -54,6 +54,15 @@ CASES = {
         partial_rotary_factor=0.5, original_max_position_embeddings=6, pad_token_id=None, tie_word_embeddings=False,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.25, 1.5, 2.0],
                          "long_factor": [1.0, 3.0, 6.0, 12.0]})),
+    # 6 experts, top-2 renormalised, per-expert checkpoint tensors stacked at load; sliding window
+    # shorter than the prompt on every layer
+    "mixtral-moe": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=6, num_experts_per_tok=2, sliding_window=12, tie_word_embeddings=False)),
+    # 8 experts of width 32, top-3 with norm_topk_prob, per-head q/k RMSNorm, layer 1 dense
+    # (mlp_only_layers) with the MLP width intermediate_size
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_hidden_layers=3, head_dim=24, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 
 

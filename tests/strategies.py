@@ -715,3 +715,24 @@ from strategies_grad import AWAITING_CPU_KERNELS, GRAD_OP_CASES, GRAD_SYMBOLIC_A
 OP_CASES.update(GRAD_OP_CASES)
 SYMBOLIC_AXES.update(GRAD_SYMBOLIC_AXES)
 __all__ += ["AWAITING_CPU_KERNELS"]
+
+# -- mixture-of-experts ops: their cases live in tests/strategies_moe.py
+from strategies_moe import MOE_OP_CASES, MOE_SYMBOLIC_AXES  # noqa: E402
+
+OP_CASES.update(MOE_OP_CASES)
+SYMBOLIC_AXES.update(MOE_SYMBOLIC_AXES)
+
+
+# -- multi-adapter LoRA (reft/ir/ops/lora.py): N past one 256-column block, rows of the base model (-1)
+@st.composite
+def _lora_add(draw):
+    rng = _rng(draw)
+    T, K, N = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.sampled_from([1, 7, 16, 33, 300]))
+    S, R = draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    xs = [rand(rng, (T, N), "float32"), rand(rng, (T, K), "float32"), rand(rng, (S, R, K), "float32"),
+          rand(rng, (S, R, N), "float32"), rng.integers(-1, S, T).astype(np.int32)]
+    return "lora_add", xs, {}
+
+
+OP_CASES["lora_add"] = _lora_add()
+SYMBOLIC_AXES["lora_add"] = lambda xs, a: [{0: "T"}, {0: "T"}, {}, {}, {0: "T"}]

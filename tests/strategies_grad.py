@@ -1,5 +1,5 @@
-"""Hypothesis cases of the backward and loss ops (reft/ir/ops/grad.py, loss.py), merged into
-strategies.OP_CASES / SYMBOLIC_AXES by tests/strategies.py (import them from there).
+"""Hypothesis cases of the backward, loss and dropout ops (reft/ir/ops/grad.py, loss.py, dropout.py),
+merged into strategies.OP_CASES / SYMBOLIC_AXES by tests/strategies.py (import them from there).
 
   GRAD_OP_CASES          op -> strategy of (op_name, [numpy inputs], attrs), float32 activations
   GRAD_SYMBOLIC_AXES     op -> which input axes carry the token dim (T) or the row dim (R)
@@ -138,6 +138,14 @@ def _linear_cross_entropy(draw, grad=False):
     return "linear_cross_entropy_grad", xs, a
 
 
+@st.composite
+def _dropout(draw):
+    rng = _rng(draw)
+    key = np.array(draw(st.integers(-2**63, 2**63 - 1)), np.int64)
+    return "dropout", [_f(rng, draw(S.shapes(1, 3))), key], \
+        {"p": draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])), "stream": draw(st.integers(0, 2**32 - 1))}
+
+
 GRAD_OP_CASES: dict[str, st.SearchStrategy] = {
     "zeros_like": _zeros_like(),
     "sum_rows": _sum_rows(),
@@ -154,6 +162,7 @@ GRAD_OP_CASES: dict[str, st.SearchStrategy] = {
     "causal_attention_grad": _causal_attention_grad(),
     "linear_cross_entropy": _linear_cross_entropy(),
     "linear_cross_entropy_grad": _linear_cross_entropy(grad=True),
+    "dropout": _dropout(),
 }
 
 _T = {0: "T"}
@@ -179,6 +188,7 @@ GRAD_SYMBOLIC_AXES = {
     "causal_attention_grad": lambda xs, a: [_T] * 7,
     "linear_cross_entropy": lambda xs, a: [_T, {}, _T, {}],
     "linear_cross_entropy_grad": lambda xs, a: [_T, {}, _T, {}, _T] + [{}] * (len(xs) - 5),
+    "dropout": lambda xs, a: [_T, {}],
 }
 
 AWAITING_CPU_KERNELS: frozenset[str] = frozenset()

@@ -9,7 +9,7 @@ the C++ compiler is replaced by a stub that only creates the library file, so no
 the snapshot is the rendered source itself (one file per kernel source of the plan) plus the
 lowering's numbers the runtime relies on (arena and scratch sizes, parameter order, outputs).
 
-Cases: the bundled stories260K (every target, every weight dtype, reft's int8/int4, a float16
+Cases: the bundled stories260K (every target, every float weight dtype, a float16
 KV cache), the tiny random models of every family from tests/hf_tiny.py (needs torch and
 transformers), and stories260K.gguf re-quantized to llama.cpp block types (needs the `gguf`
 package and ../shared/models).
@@ -41,7 +41,6 @@ def cases(work: Path) -> list[tuple[str, Path, dict]]:
     out = [(f"stories260K-{t}", stories, {"target": t}) for t in TARGETS]
     out += [("stories260K-float16", stories, {"target": "avx512", "dtype": "float16"}),
             ("stories260K-bfloat16", stories, {"target": "avx2", "dtype": "bfloat16"}),
-            ("stories260K-int8", stories, {"target": "avx512", "quant": "int8"}),
             ("stories260K-kvf16-mbt64", stories, {"target": "avx512", "kv_dtype": "float16",
                                                   "max_batch_tokens": 64})]
     try:
@@ -53,6 +52,8 @@ def cases(work: Path) -> list[tuple[str, Path, dict]]:
             out.append((f"hf-{case}-bf16-avx2", d, {"target": "avx2", "dtype": "bfloat16"}))
             out.append((f"hf-{case}-int4-head", d, {"target": "avx2", "quant": "int4", "group_size": 32,
                                                     "quant_head": True}))
+            if case == "llama-gqa-llama3":   # stories260K's 172-wide MLP rows do not fit int8's 32-value blocks
+                out.append((f"hf-{case}-int8", d, {"target": "avx512", "quant": "int8"}))
     except ImportError as e:   # torch / transformers absent
         print(f"skipping the tiny HF models: {e}", file=sys.stderr)
     gguf = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.gguf"

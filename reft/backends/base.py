@@ -40,6 +40,8 @@ class BackendOptions:
     max_batch_tokens  most tokens one step holds (arena and scratch are sized for it)
     dtype     storage dtype of the plan's float weights (cuda: the compute dtype of its kernels)
     progress  show progress bars for long work (kernel compiles)
+    deterministic  batch-invariant kernels: a row's results never depend on the rest of its batch
+              (cpu: every matmul takes the GEMV/tile path, whatever the token count)
     """
     target: str | None = None
     max_batch_tokens: int = 512
@@ -47,6 +49,7 @@ class BackendOptions:
     writable: bool = False
     dtype: str = "float32"
     progress: bool = False
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,20 +65,35 @@ def _grammar_spec(grammar_file: Path | None, json_schema: Path | None):
     return spec
 
 
-def _stream(serving, prompt_ids, max_tokens, sampling, stops, special, out, grammar=None) -> int:
+def _stream(serving, prompt_ids, max_tokens, sampling, stops, special, out, grammar=None, adapter=None) -> int:
     """Generate one request on the serving engine (as a served request would be) and write its text
     to `out` as it is produced; returns the number of tokens."""
     from ..runtime.generate import stream
     from ..runtime.serving import Request
 
     req = Request("cli", list(prompt_ids), max_tokens, sampling, stop=tuple(stops),
-                  skip_special_tokens=not special, grammar=grammar)
+                  skip_special_tokens=not special, grammar=grammar, adapter=adapter)
     n = 0
     for o in stream(serving, req):
         out.write(o.text)
         out.flush()
         n = o.completion_tokens
     return n
+
+
+def _loras(specs) -> dict[str, Path]:
+    """--lora NAME=DIR options -> {name: folder}; a malformed or repeated name is one error line."""
+    from ..errors import ReftError
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ReftError(f"--lora {spec!r}: give NAME=ADAPTER_DIR")
+        if name in out:
+            raise ReftError(f"--lora: the name {name!r} is given twice")
+        out[name] = Path(path)
+    return out
 
 
 SAMPLING_OPTIONS = [
@@ -95,6 +110,24 @@ SAMPLING_OPTIONS = [
     click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
     click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
 ]
+
+
+SPEC_OPTIONS = [
+    click.option("--draft", "draft_plan", type=click.Path(path_type=Path), default=None, metavar="PLAN",
+                 help="Speculative decoding with a draft model: a smaller or more heavily quantized plan with the same"
+                      " tokenizer proposes tokens that PLAN verifies in one step. Output is unchanged."),
+    click.option("--spec-ngram", is_flag=True,
+                 help="Speculative decoding by prompt lookup: propose the tokens that followed the latest earlier"
+                      " occurrence of the last few tokens (no second model; best when the answer copies the prompt)."),
+    click.option("--spec-tokens", default=4, show_default=True, type=click.IntRange(1, 16),
+                 help="--draft/--spec-ngram: most draft tokens verified per sequence and step."),
+]
+
+
+def spec_options(fn):
+    for opt in reversed(SPEC_OPTIONS):
+        fn = opt(fn)
+    return fn
 
 
 def sampling_options(fn):
@@ -140,6 +173,10 @@ SERVE_OPTIONS = [
                  help="--serve: the model id clients send and /v1/models lists. [default: the plan directory's name]"),
     click.option("--no-prefix-caching", is_flag=True,
                  help="--serve: do not share the KV pages of prompt prefixes between requests."),
+    click.option("--lora", "loras", multiple=True, metavar="NAME=DIR",
+                 help="Load the PEFT LoRA adapter in DIR as NAME (repeatable; the plan needs `reftc compile"
+                      " --max-loras`). --serve: a request whose `model` is NAME runs through it, others through the"
+                      " base model, in the same batches. --prompt/--chat: give one, and it is used."),
 ]
 
 
@@ -147,6 +184,35 @@ def serve_options(fn):
     for opt in reversed(SERVE_OPTIONS):
         fn = opt(fn)
     return fn
+
+
+EMBED_OPTIONS = [
+    click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
+                 help="--serve of an embed plan (reftc compile --task embed): how /v1/embeddings pools an input's"
+                      " hidden states: the last token's (decoder embedders such as Qwen3-Embedding), the mean over"
+                      " tokens, or the first token's. [default: last]"),
+    click.option("--no-normalize", is_flag=True,
+                 help="--serve of an embed plan: return embeddings as pooled, without L2 normalisation."),
+    click.option("--matryoshka", is_flag=True,
+                 help="--serve of an embed plan: honour the `dimensions` field of /v1/embeddings (keep the first N"
+                      " dimensions, then normalise); only for models trained for such truncation (Matryoshka), as"
+                      " Qwen3-Embedding is. Without it only the full size is accepted."),
+]
+
+
+def embed_options(fn):
+    for opt in reversed(EMBED_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _embedding(pooling, no_normalize, matryoshka):
+    """The EmbeddingOptions the embed options ask for, or None when none is given."""
+    from ..runtime.embed import EmbeddingOptions
+
+    if pooling is None and not no_normalize and not matryoshka:
+        return None
+    return EmbeddingOptions(pooling or "last", not no_normalize, matryoshka)
 
 
 @main.command()
@@ -167,13 +233,17 @@ def serve_options(fn):
 @click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="--prompt/--chat: constrain the output to JSON matching this JSON schema file.")
 @sampling_options
+@spec_options
 @serve_options
+@embed_options
 @friendly_errors
 def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, special,
         grammar_file, json_schema, threads, serve, host, port, api_key, metrics_public, allowed_hosts,
         max_request_bytes, max_prompt_chars, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
-        no_prefix_caching):
+        no_prefix_caching, loras, draft_plan, spec_ngram, spec_tokens, pooling, no_normalize, matryoshka):
     """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
+
+    An embed plan (reftc compile --task embed) is served only: --serve answers POST /v1/embeddings.
 
     The sampling options apply to --prompt and --chat; served requests carry their own
     (fields the request leaves out come from the plan's generation_config.json, then OpenAI's
@@ -196,19 +266,31 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
                           model_name=model_name,
                           prefix_caching=not no_prefix_caching, metrics_public=metrics_public,
                           max_request_bytes=max_request_bytes, max_prompt_chars=max_prompt_chars,
-                          allowed_hosts=allowed_hosts)
+                          allowed_hosts=allowed_hosts, draft_plan=draft_plan, spec_ngram=spec_ngram,
+                          spec_tokens=spec_tokens, embedding=_embedding(pooling, no_normalize, matryoshka),
+                          loras=_loras(loras))
+    if _embedding(pooling, no_normalize, matryoshka) is not None:
+        raise ReftError("--pooling, --no-normalize and --matryoshka apply to --serve of an embed plan")
+    from ..runtime.lora import load_adapters
     from ..runtime.serving import ServingEngine
+    from ..runtime.speculative import make_drafter
 
     spec = _grammar_spec(grammar_file, json_schema)
-    engine = Engine.load(plan, backend_options=BackendOptions(threads=threads))
-    serving = ServingEngine(engine, max_num_seqs=1)
+    options = BackendOptions(threads=threads)
+    engine = Engine.load(plan, backend_options=options)
+    adapters = load_adapters(engine, _loras(loras))
+    if len(adapters) > 1:
+        raise ReftError("--prompt and --chat run one LoRA adapter; give --lora once")
+    adapter = next(iter(adapters), None)
+    drafter = make_drafter(draft_plan, spec_ngram, spec_tokens, engine, options)
+    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens)
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     grammar = serving.grammars.compile(spec) if spec is not None else None   # GrammarError: one line
     tok = engine.tokenizer
     if prompt is not None:
         ids = tok.encode(prompt)
         sys.stdout.write(prompt)
-        _stream(serving, ids, max_tokens, sampling, stop, special, sys.stdout, grammar)
+        _stream(serving, ids, max_tokens, sampling, stop, special, sys.stdout, grammar, adapter)
         sys.stdout.write("\n")
         return
     template = chat_template.read_text() if chat_template else None
@@ -227,7 +309,7 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
         ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True, template=template),
                          add_special_tokens=False)
         reply = _Capture(sys.stdout)
-        _stream(serving, ids, max_tokens, sampling, stop, special, reply, grammar)
+        _stream(serving, ids, max_tokens, sampling, stop, special, reply, grammar, adapter)
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply.text.strip()})
@@ -293,9 +375,22 @@ def perplexity(plan, text_file, ctx, threads):
               help="CPU threads. [default: physical cores]")
 @click.option("--output", "-o", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True,
               help="A table like llama-bench's, or JSON records for scripts.")
+@spec_options
+@click.option("--prompt", "spec_prompt", default=None,
+              help="--draft/--spec-ngram: the text to decode from (drafts need real text, not random tokens).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--draft/--spec-ngram: read the prompt text from this file.")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="--draft/--spec-ngram: send the prompt as a user message through the model's chat template.")
 @friendly_errors
-def bench(plan, prompt, gen, repetitions, threads, fmt):
-    """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev)."""
+def bench(plan, prompt, gen, repetitions, threads, fmt, draft_plan, spec_ngram, spec_tokens, spec_prompt,
+          prompt_file, as_chat):
+    """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev).
+
+    With --draft PLAN or --spec-ngram it measures speculative decoding instead: greedy decoding
+    of --prompt (up to -n tokens) without and with the drafter, in the same run, with the
+    speed-up, the draft acceptance rate and the mean accepted length.
+    """
     import json as _json
 
     from ..errors import ReftError
@@ -304,7 +399,14 @@ def bench(plan, prompt, gen, repetitions, threads, fmt):
     from ..runtime.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.load(plan, backend_options=BackendOptions(threads=threads), kv_tokens=prompt + gen + 16)
+    speculative = draft_plan is not None or spec_ngram
+    options = BackendOptions(threads=threads)
+    if speculative:
+        return _bench_speculative(plan, options, gen, repetitions, fmt, draft_plan, spec_ngram, spec_tokens,
+                                  spec_prompt, prompt_file, as_chat)
+    if spec_prompt is not None or prompt_file is not None or as_chat:
+        raise ReftError("--prompt, --prompt-file and --chat apply with --draft or --spec-ngram")
+    engine = Engine.load(plan, backend_options=options, kv_tokens=prompt + gen + 16)
     load_s = time.perf_counter() - t0
     threads = getattr(engine.exe, "threads", None) or threads or 1   # what the backend runs on
     if prompt > engine.max_batch_tokens:
@@ -315,6 +417,37 @@ def bench(plan, prompt, gen, repetitions, threads, fmt):
         click.echo(_json.dumps([r.as_dict() for r in results], indent=2))
     else:
         click.echo(format_table(results))
+
+
+def _bench_speculative(plan, options, gen, repetitions, fmt, draft_plan, spec_ngram, spec_tokens, text, prompt_file,
+                       as_chat):
+    import json as _json
+
+    from ..errors import ReftError
+    from ..runtime.bench import bench_speculative, format_spec
+    from ..runtime.engine import Engine
+    from ..runtime.speculative import make_drafter
+
+    if (text is None) == (prompt_file is None):
+        raise ReftError("--draft/--spec-ngram benchmarks need exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReftError(f"{prompt_file}: cannot read ({e.__class__.__name__}: {e})") from None
+    engine = Engine.load(plan, backend_options=options)
+    tok = engine.tokenizer
+    if as_chat:
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+    else:
+        ids = tok.encode(text)
+    if len(ids) + gen > engine.context_length:
+        raise ReftError(f"the prompt ({len(ids)} tokens) and -n {gen} exceed the context of {engine.context_length}")
+    drafter = make_drafter(draft_plan, spec_ngram, spec_tokens, engine, options)
+    r = bench_speculative(engine, drafter, ids, gen, repetitions, spec_tokens)
+    click.echo(_json.dumps(r.as_dict(), indent=2) if fmt == "json" else format_spec(r))
+    if not r.identical:
+        raise ReftError("speculative decoding changed the greedy output (a bug: please report it)")
 
 
 from .train import export, train  # noqa: E402  (their own module, on this group)

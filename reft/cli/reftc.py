@@ -20,6 +20,7 @@ def main():
       reftc compile path/to/hf-model -o plan/     # config.json + *.safetensors + tokenizer.json
       reftc compile model.gguf -o plan/            # or a llama.cpp GGUF file
       reftc inspect plan/                          # what the compiler did
+      reftc compile path/to/hf-model -o emb/ --task embed   # an embedding plan (/v1/embeddings)
       reft run plan/ --prompt "Once upon a time"   # generate text
     """
 
@@ -58,12 +59,28 @@ def main():
               help="CPU instruction set the cpu backend compiles for: avx512 (x86-64-v4), avx2 (x86-64-v3: AVX2,"
                    " FMA, F16C), neon (aarch64; cross-compiled with aarch64-linux-gnu-g++ on other hosts), generic"
                    " (the architecture's baseline). [default: this machine's best]")
+@click.option("--task", default="generate", show_default=True, type=click.Choice(["generate", "embed"]),
+              help="What the plan's forward entry returns: 'generate' the logits of the requested rows (text"
+                   " generation); 'embed' their hidden states, the final norm's output, with no LM head (serve"
+                   " it with `reft run PLAN --serve` for POST /v1/embeddings).")
 @click.option("--arch", default=None, type=click.Choice(["sm_80", "sm_89", "sm_90a"]),
               help="GPU architecture the cuda backend compiles for: sm_80 (A100), sm_89 (L4, L40, RTX 40), sm_90a"
                    " (H100, H200). [default: this machine's GPU, else sm_90a]")
+@click.option("--deterministic", is_flag=True,
+              help="Batch-invariant cpu kernels: a sequence's logits are bit-identical whatever else is in its batch,"
+                   " whatever part of its prompt came from the prefix cache and however its prefill was chunked, so a"
+                   " seeded request always reproduces. Prompt processing is slower (docs/serving.md).")
+@click.option("--max-loras", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="LoRA adapter slots: the plan can serve this many PEFT adapters at once, chosen per request"
+                   " (`reft run PLAN --serve --lora NAME=DIR`); 0 = none. Adapted projections run unfused.")
+@click.option("--max-lora-rank", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="--max-loras: the largest adapter rank a slot holds.")
+@click.option("--lora-targets", default=None, metavar="NAME[,NAME...]",
+              help="--max-loras: the projections that get slots, by module name (q_proj,v_proj,...)."
+                   " [default: every attention and MLP projection]")
 @friendly_errors
 def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batch_tokens, quant, group_size,
-            quant_head, calibrate, kv_dtype, target, arch):
+            quant_head, calibrate, kv_dtype, target, task, arch, deterministic, max_loras, max_lora_rank, lora_targets):
     """Compile MODEL into a plan directory.
 
     MODEL is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a llama.cpp
@@ -75,7 +92,9 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batc
     compile_model(model, out, CompileOptions(
         backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def, page_size=page_size,
         max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant, group_size=int(group_size),
-        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=_target(backend, target, arch)))
+        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=_target(backend, target, arch),
+        task=task, deterministic=deterministic, max_loras=max_loras, max_lora_rank=max_lora_rank,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None))
     click.echo(f"wrote plan {out}")
 
 
@@ -99,6 +118,11 @@ def _target(backend, target, arch):
     if target and arch:
         raise ReftError("--target is the cpu backend's instruction set and --arch the cuda backend's GPU; give one")
     return arch or target   # the backend checks that the name is one of its own
+
+
+_TASKS = {"generate": "generate (forward returns logits)",
+          "embed": "embed (forward returns hidden states; serve POST /v1/embeddings)",
+          "train": "train"}
 
 
 def _human(n: float) -> str:
@@ -125,6 +149,7 @@ def inspect(plan, as_json):
     cfg = model.get("config", {})
     click.echo(f"plan        {plan}  (format v{m['format_version']}, reft {m.get('reft_version')})")
     click.echo(f"model       {model['architecture']} (family {model['family']}), {model['params']:,} params")
+    click.echo(f"task        {_TASKS.get(m.get('task', 'generate'), m.get('task'))}")
     click.echo(f"shape       {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, heads"
                f" {cfg.get('num_attention_heads')}/{cfg.get('num_key_value_heads')} kv, head_dim"
                f" {cfg.get('head_dim')}, vocab {m.get('vocab_size')}, context {m.get('context_length')}")
@@ -171,7 +196,9 @@ def inspect(plan, as_json):
         fused = {"k_qkv_rope": "linear(q,k,v) + split + [q/k rms_norm] + rope",
                  "k_linear_glu": "linear(gate,up) + split + act + mul",
                  "k_add_rms_norm": "residual add + rms_norm",
-                 "k_paged_attention": "online-softmax GQA attention over KV pages"}
+                 "k_paged_attention": "online-softmax GQA attention over KV pages",
+                 "k_expert_glu": "per expert: linear(gate,up) + split + act + mul",
+                 "k_expert_linear_sum": "per expert: linear(down), weighted sum per token"}
         for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
             click.echo(f"  {n:4d} x {name:<22} {fused.get(name, '')}")
     mem = m.get("memory")

@@ -18,7 +18,8 @@ def _list(values) -> tuple[str, ...]:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--model", required=True, help="Model to start from: a Hugging Face folder, a .gguf file, or a"
-              " bundled name (stories260K).")
+              " bundled name (stories260K). LoRA on a .gguf keeps its quantized weights in their blocks"
+              " (QLoRA); full / freeze train them as float32.")
 @click.option("--datasets", "datasets", multiple=True, required=True, metavar="KIND@PATH",
               help="Training data, repeatable or comma-separated. KIND: text (pretraining: .txt, JSONL/JSON/parquet"
                    " with a `text` field, or a folder of them), alpaca (instruction/input/output records) or"
@@ -37,7 +38,8 @@ def _list(values) -> tuple[str, ...]:
 @click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None,
               help="lora: the update is scaled by alpha / r. [default: 2 x --lora-rank]")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1), default=0.0,
-              help="lora: dropout on the adapters' input (only 0 is supported for now).")
+              help="lora: dropout probability on the adapters' input, as PEFT's lora_dropout (below 1; masks"
+                   " drawn from --seed, the step and the micro-batch, so --resume redraws them).")
 @click.option("--lora-targets", multiple=True, default=("q_proj,v_proj",), metavar="MODULE[,MODULE...]",
               help="lora: the linear modules that get adapters (q_proj k_proj v_proj o_proj gate_proj up_proj"
                    " down_proj).")
@@ -73,7 +75,7 @@ def _list(values) -> tuple[str, ...]:
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
               help="Continue a run from CHECKPOINT, or alone from the newest one in --checkpoint-dir; the run's"
                    " options, data and model must be the same (--max-steps may grow for a constant schedule).")
-@click.option("--seed", type=int, default=42, help="Seed of the data order and the LoRA init.")
+@click.option("--seed", type=int, default=42, help="Seed of the data order, the LoRA init and LoRA dropout.")
 @click.option("--chat-template", default=None, metavar="FILE",
               help="sft: a Jinja chat template to render conversations with instead of the model's own (it is"
                    " saved with the checkpoint).")

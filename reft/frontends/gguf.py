@@ -15,6 +15,10 @@ Notable:
   converter interleaved for its rotary layout; undone here, per head); optionally a function
   `gguf_config(cfg) -> cfg` for what llama.cpp's loader assumes rather than reads from the file
   (models/gemma2.py: norms stored as 1 + w, the attention scale).
+- Mixture-of-experts files hold each layer's experts as stacks (`ffn_gate_exps` [E, F, D], ...),
+  which the families name as stacked weights (`...experts.*.w1.weight`); `{arch}.expert_count` also
+  picks the family where one llama.cpp architecture covers several (`llama` with experts is
+  Mixtral: families declare GGUF_EXPERTS = True to read those files).
 - Phi-3's longrope arrives as tensors (rope_factors_long/short.weight) plus the original context
   and attention factor keys; it becomes the `longrope` rope_scaling of the config.
 - Quantized tensors are dequantized to float32 when read (F32/F16/BF16 stay zero-copy views);
@@ -54,7 +58,9 @@ _HPARAMS = {"context_length": "max_position_embeddings", "embedding_length": "hi
             "rope.freq_base": "rope_theta", "attention.sliding_window": "sliding_window",
             "rope.freq_base_swa": "rope_local_base_freq", "attn_logit_softcapping": "attn_logit_softcapping",
             "final_logit_softcapping": "final_logit_softcapping",
-            "rope.scaling.original_context_length": "original_max_position_embeddings"}
+            "rope.scaling.original_context_length": "original_max_position_embeddings",
+            "expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok",
+            "expert_feed_forward_length": "moe_intermediate_size"}
 _FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "attn_logit_softcapping",
            "final_logit_softcapping")
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
@@ -74,12 +80,14 @@ class GGUFModel:
         return self.weights.source_types()
 
 
-def gguf_families() -> dict[str, ModuleType]:
-    """general.architecture -> the shipped family module that reads it."""
+def gguf_families(experts: bool = False) -> dict[str, ModuleType]:
+    """general.architecture -> the shipped family module that reads its files without experts, or
+    with them (`{arch}.expert_count` > 0: the families declaring GGUF_EXPERTS = True)."""
     out: dict[str, ModuleType] = {}
     for mod in shipped_families().values():
-        for arch in getattr(mod, "GGUF_ARCHITECTURES", {}):
-            out.setdefault(arch, mod)
+        if getattr(mod, "GGUF_EXPERTS", False) == experts:
+            for arch in getattr(mod, "GGUF_ARCHITECTURES", {}):
+                out.setdefault(arch, mod)
     return out
 
 
@@ -228,9 +236,12 @@ class GGUFWeights(Mapping):
         return _PLAIN.get(r.type_name, ("float32",))[0], r.shape
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as rows, uint8[rows, row_bytes], q/k rows back in HF order."""
+        """The tensor's bytes as rows, uint8[rows, row_bytes] (a stack [E, rows, row_bytes]), q/k rows
+        back in HF order."""
         r = self._record(name)
         data = self.file.raw(self._names[name])
+        if len(r.shape) == 3:
+            return data.reshape(r.shape[0], r.shape[1], -1)
         one_per_row = len(r.shape) > 1 or get_format(r.ggml_type).block_values == 1
         rows = data.reshape(r.shape[0] if one_per_row and r.shape else 1, -1)
         return unpermute_rope_rows(rows, self._heads[name]) if name in self._heads else rows
@@ -241,7 +252,7 @@ class GGUFWeights(Mapping):
         from ..ir.quantized import ir_dtype_of_ggml
 
         r = self._record(name)
-        return ir_dtype_of_ggml(r.type_name) if len(r.shape) == 2 else None
+        return ir_dtype_of_ggml(r.type_name) if len(r.shape) in (2, 3) else None
 
     def __getitem__(self, name: str) -> np.ndarray:
         r = self._record(name)
@@ -275,15 +286,17 @@ def open_gguf(path: str | Path, family: ModuleType | None = None) -> GGUFModel:
     arch = f.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"{f.path}: GGUF metadata has no general.architecture")
-    families = gguf_families()
+    experts = bool(f.metadata.get(f"{arch}.expert_count"))
+    families = gguf_families(experts)
     if family is not None:
         if arch not in getattr(family, "GGUF_ARCHITECTURES", {}):
             raise ModelError(f"{f.path}: the model definition does not declare GGUF_ARCHITECTURES for {arch!r}")
     elif arch in families:
         family = families[arch]
     else:
-        raise ModelError(f"{f.path}: GGUF architecture {arch!r} is not supported (supported:"
-                         f" {', '.join(sorted(families))})")
+        supported = sorted(gguf_families()) + [f"{a} with experts" for a in sorted(gguf_families(True))]
+        raise ModelError(f"{f.path}: GGUF architecture {arch!r}{' with experts' if experts else ''} is not"
+                         f" supported (supported: {', '.join(supported)})")
     hf = hf_config_from_gguf(f, arch, family)
     weights = GGUFWeights(f, family, hf)
     weights.check_types()

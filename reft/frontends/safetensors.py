@@ -10,6 +10,10 @@ Notable:
   shape * itemsize, overlapping tensors, short data section) is a one-line ModelError.
 - `WeightSource` is a lazy Mapping over a model folder: one `model.safetensors` or a sharded
   `model.safetensors.index.json`; shards are opened on first use.
+- Stacked names: a name with a `*` path component is the stack of the tensors with 0, 1, 2, ...
+  in its place (`model.layers.0.block_sparse_moe.experts.*.w1.weight` is [E, F, D] from Mixtral's
+  per-expert `experts.N.w1.weight`), so a model definition asks for its experts as one weight under
+  the checkpoint's own names; the members must agree in dtype and shape.
 - `write_safetensors` computes the header from declarations first, then streams each tensor
   to a temporary file one at a time (never all in memory) and renames it into place. Tensors
   are laid out by itemsize, largest first (stable), so every tensor is aligned to its dtype
@@ -49,6 +53,7 @@ _CODES: dict[str, tuple[str, np.dtype]] = {
 }
 DTYPES: dict[str, np.dtype] = {name: dt for name, dt in _CODES.values()}  # our name -> numpy
 _CODE_OF: dict[str, str] = {name: code for code, (name, _) in _CODES.items()}  # our name -> code
+STACK = "*"   # the path component of a stacked name (WeightSource)
 _MAX_HEADER = 100 * 1024 * 1024  # the package's own limit
 
 
@@ -189,14 +194,35 @@ class WeightSource(Mapping):
             raise ModelError(f"{f.path}: the index puts tensor {name!r} in this shard but it is not there")
         return f
 
+    def _members(self, name: str) -> list[str] | None:
+        """The tensors a stacked name (one `*` path component) stands for, or None."""
+        parts = name.split(".")
+        if name in self._where or parts.count(STACK) != 1:
+            return None
+        at = parts.index(STACK)
+        members = []
+        while (m := ".".join(parts[:at] + [str(len(members))] + parts[at + 1:])) in self._where:
+            members.append(m)
+        return members or None
+
     def __getitem__(self, name: str) -> np.ndarray:
+        members = self._members(name)
+        if members:
+            return np.stack([self[m] for m in members])
         return self._file_of(name).get(name)
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        return self._file_of(name).info(name)
+        members = self._members(name)
+        if not members:
+            return self._file_of(name).info(name)
+        infos = {self._file_of(m).info(m) for m in members}
+        if len(infos) != 1:
+            raise ModelError(f"the tensors stacked as {name} differ in dtype or shape: {sorted(infos)}")
+        dtype, shape = infos.pop()
+        return dtype, (len(members), *shape)
 
     def __contains__(self, name) -> bool:
-        return name in self._where
+        return name in self._where or self._members(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

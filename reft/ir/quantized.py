@@ -12,9 +12,10 @@ row is a run of blocks (types.QUANT_DTYPES gives their sizes):
              codes 0..15 (in each 32 values, byte j holds value j in its low nibble and j + 16 in
              its high one); w = scale * q + min
 
-Ops that read weights (linear, linear_glu, qkv_rope, embedding) get a `QTensor` from the
-reference executor and dequantize it to float32 before computing as they do for float weights;
-the kernels of other backends read the same bytes. Matmuls on llama.cpp's types also round
+A stack of matrices [E, N, K] (the experts of a mixture-of-experts layer) is stored as
+uint8[E, N, row_bytes]. Ops that read weights (linear, linear_glu, qkv_rope, embedding, the expert
+matmuls) get a `QTensor` from the reference executor and dequantize it to float32 before computing
+as they do for float weights; the kernels of other backends read the same bytes. Matmuls on llama.cpp's types also round
 their activations to int16 per block of 32 values (`quantize_activations`; llama.cpp rounds to
 int8), so kernels can use integer dot products; reft's int8/int4 formats are weight-only (float
 activations).
@@ -82,10 +83,13 @@ def dequantize_rows(raw: np.ndarray, dtype: str, k: int) -> np.ndarray:
 
 def quantize_weight(w: np.ndarray, dtype: str) -> np.ndarray:
     """float[N, K] -> its uint8[N, row_bytes] in `dtype` (int8, int4_g*, or a GGML type with a
-    reference quantizer). int8/int4 use reft.quant's quantize_int8 / quantize_int4."""
+    reference quantizer); a stack float[E, N, K] -> uint8[E, N, row_bytes], matrix by matrix.
+    int8/int4 use reft.quant's quantize_int8 / quantize_int4."""
     from ..quant import quantize, quantize_int4, quantize_int8
 
     w = np.asarray(w, dtype=np.float32)
+    if w.ndim == 3:
+        return np.stack([quantize_weight(m, dtype) for m in w])
     n, k = w.shape
     if dtype in GGML_NAMES:
         return quantize(w, GGML_NAMES[dtype]).reshape(n, row_bytes(dtype, k))
@@ -114,7 +118,7 @@ class QTensor:
 
     def dequantize(self) -> np.ndarray:
         if self._f32 is None:
-            self._f32 = dequantize_rows(self.raw, self.dtype, self.shape[1])
+            self._f32 = dequantize_rows(self.raw, self.dtype, self.shape[-1]).reshape(self.shape)
         return self._f32
 
     def take(self, ids: np.ndarray) -> np.ndarray:

@@ -35,7 +35,8 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 INT_DTYPES = frozenset({"int32", "int64", "uint8"})
 
 # Quantized weight dtypes: a value of logical shape [N, K] is stored as raw bytes, uint8[N, row_bytes],
-# each row a run of blocks (reft/ir/quantized.py gives their meaning). name -> (values, bytes) per block;
+# each row a run of blocks (reft/ir/quantized.py gives their meaning); a stack of matrices [E, N, K]
+# (mixture-of-experts weights) as uint8[E, N, row_bytes]. name -> (values, bytes) per block;
 # "int8" (reft's per-channel format) is one block per row: a float32 scale, then K int8 codes.
 QUANT_DTYPES: dict[str, tuple[int, int]] = {
     "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
@@ -58,7 +59,9 @@ def is_quantized(dtype: str) -> bool:
 def row_bytes(dtype: str, k: int) -> int:
     """Bytes of one row of k values in a quantized dtype."""
     bv, bb = QUANT_DTYPES[dtype]
-    if bv == 0:
+    if bv == 0:   # int8: a scale, then the row's codes; the kernels read them 32 at a time
+        if k % 32:
+            raise TypeError(f"{dtype} needs rows of a multiple of 32 values, got {k}")
         return bb + k
     if dtype.startswith("int4_"):   # the last group of a row may be short (a multiple of 32 values)
         if k % 32:
@@ -94,18 +97,19 @@ class TensorType:
             if isinstance(d, bool) or not (isinstance(d, int) and d >= 0 or isinstance(d, str) and _SYM.match(d)):
                 raise TypeError(f"bad dim {d!r} in shape {self.shape}")
         if self.dtype in QUANT_DTYPES:
-            if len(self.shape) != 2 or not isinstance(self.shape[1], int):
-                raise TypeError(f"a {self.dtype} value must be a matrix [N, K] with static K, got {self.shape}")
-            row_bytes(self.dtype, self.shape[1])
+            if len(self.shape) not in (2, 3) or not isinstance(self.shape[-1], int):
+                raise TypeError(f"a {self.dtype} value must be a matrix [N, K] (or a stack [E, N, K]) with static K,"
+                                f" got {self.shape}")
+            row_bytes(self.dtype, self.shape[-1])
 
     @property
     def quantized(self) -> bool:
         return self.dtype in QUANT_DTYPES
 
     def storage_shape(self) -> tuple:
-        """Shape of the stored array: the logical shape, or uint8[N, row_bytes] when quantized."""
+        """Shape of the stored array: the logical shape, or uint8[(E,) N, row_bytes] when quantized."""
         if self.dtype in QUANT_DTYPES:
-            return (self.shape[0], row_bytes(self.dtype, self.shape[1]))
+            return self.shape[:-1] + (row_bytes(self.dtype, self.shape[-1]),)
         return self.shape
 
     @property

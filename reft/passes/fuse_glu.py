@@ -1,7 +1,8 @@
 """Fold the gated activation into the gate/up projection: SiLU(gate) * up in the epilogue.
 
 Pattern: y = linear(x, W[, b]); g, u = split(y, sizes=(F, F)); a = silu(g) | gelu_tanh(g);
-m = mul(a, u) or mul(u, a)  ->  m = linear_glu(x, W[, b], act).
+m = mul(a, u) or mul(u, a)  ->  m = linear_glu(x, W[, b], act). The experts' gate/up projection
+(`expert_linear`, after fuse_projections) becomes `expert_glu` the same way.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from ..ir import Graph
 from .context import PassContext
 from .rewrite import Uses, make, replace
 
+GLU = {"linear": "linear_glu", "expert_linear": "expert_glu"}   # projection -> its fused form
+
 
 def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
     uses = Uses(graph)
-    for lin in [n for n in graph.nodes if n.op == "linear"]:
+    for lin in [n for n in graph.nodes if n.op in GLU]:
         split = uses.only(lin.out)
         if not split or split.op != "split" or len(split.outputs) != 2 or split.attrs["axis"] not in (-1, lin.out.type.rank - 1):
             continue
@@ -25,7 +28,7 @@ def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
         mul = uses.only(act.out)
         if not mul or mul.op != "mul" or {id(v) for v in mul.inputs} != {id(act.out), id(u)} or uses.only(u) is not mul:
             continue
-        fused = make("linear_glu", list(lin.inputs), act=act.op)
+        fused = make(GLU[lin.op], list(lin.inputs), act=act.op)
         replace(graph, fused, lin, [(mul.out, fused.out)], [lin, split, act, mul])
         uses = Uses(graph)
         ctx.fused(fused, [lin, split, act, mul], f"fused_{act.op}")

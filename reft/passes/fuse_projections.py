@@ -4,6 +4,8 @@ Pattern: two or more `linear(x, param W_i [, param b_i])` on the same x, with we
 same dtype and all-or-none biases.  Replacement: one `linear(x, W, b)` whose weight is the
 row-wise concatenation of the W_i, made at compile time, followed by a `split`.
 The fused weight is named after its parts: `model.layers.0.self_attn.q_proj+k_proj+v_proj.weight`.
+Mixture-of-experts gate/up projections fuse alike: `expert_linear(x, order, offsets, W_i)` on the
+same x and dispatch, with stacked weights [E, N_i, K] joined expert by expert ([E, sum N_i, K]).
 """
 from __future__ import annotations
 
@@ -27,28 +29,35 @@ def fused_name(names: list[str]) -> str:
     return ".".join(parts[0][:pre] + ["+".join(mids)] + (parts[0][len(parts[0]) - suf:] if suf else []))
 
 
+# matmuls that fuse: op -> (index of the weight; the inputs before it must be shared, those after
+# it are biases), axis of the weight's output rows, counter prefix
+FUSABLE = {"linear": (1, 0, "fused"), "expert_linear": (3, 1, "fused_experts")}
+
+
 def _groups(graph: Graph) -> list[list[Node]]:
-    by_input: dict[int, list[Node]] = {}
+    by_input: dict[tuple, list[Node]] = {}
     for n in graph.nodes:
-        if n.op == "linear" and all(v.node.op == "param" for v in n.inputs[1:]):
-            by_input.setdefault(id(n.inputs[0]), []).append(n)
+        if n.op in FUSABLE and all(v.node.op == "param" for v in n.inputs[FUSABLE[n.op][0]:]):
+            key = (n.op, *(id(v) for v in n.inputs[:FUSABLE[n.op][0]]))
+            by_input.setdefault(key, []).append(n)
     groups = []
     for nodes in by_input.values():
         # all-or-none bias and one weight dtype per group; split into compatible subgroups
         buckets: dict[tuple, list[Node]] = {}
         for n in nodes:
-            buckets.setdefault((len(n.inputs), n.inputs[1].dtype), []).append(n)
+            buckets.setdefault((len(n.inputs), n.inputs[FUSABLE[n.op][0]].dtype), []).append(n)
         groups += [g for g in buckets.values() if len(g) > 1]
     return groups
 
 
-def _fused_param(ctx: PassContext, sources: list, where: list) -> Node:
+def _fused_param(ctx: PassContext, sources: list, where: list, axis: int = 0) -> Node:
     names = [v.node.name for v in sources]
     name = fused_name(names)
-    rows = sum(v.shape[0] for v in sources)
-    t = TensorType((rows,) + sources[0].shape[1:], sources[0].dtype)
+    shape = list(sources[0].shape)
+    shape[axis] = sum(v.shape[axis] for v in sources)
+    t = TensorType(tuple(shape), sources[0].dtype)
     ws = ctx.weights
-    ws.define(name, lambda names=tuple(names): np.concatenate([ws[n] for n in names], axis=0))
+    ws.define(name, lambda names=tuple(names): np.concatenate([ws[n] for n in names], axis=axis))
     node = Node("param", [], {"name": name}, [t])
     where.append(node)
     return node
@@ -57,11 +66,13 @@ def _fused_param(ctx: PassContext, sources: list, where: list) -> Node:
 def fuse_projections(graph: Graph, ctx: PassContext) -> Graph:
     for group in _groups(graph):
         new: list[Node] = []
-        w = _fused_param(ctx, [n.inputs[1] for n in group], new)
-        args = [group[0].inputs[0], w.out]
-        if len(group[0].inputs) == 3:
-            args.append(_fused_param(ctx, [n.inputs[2] for n in group], new).out)
-        lin = Node("linear", args, {}, ops.infer_types("linear", [a.type for a in args], {}))
+        op = group[0].op
+        wi, axis, counter = FUSABLE[op]
+        w = _fused_param(ctx, [n.inputs[wi] for n in group], new, axis)
+        args = [*group[0].inputs[:wi], w.out]
+        for j in range(wi + 1, len(group[0].inputs)):   # biases
+            args.append(_fused_param(ctx, [n.inputs[j] for n in group], new).out)
+        lin = Node(op, args, {}, ops.infer_types(op, [a.type for a in args], {}))
         sizes = tuple(n.out.shape[-1] for n in group)
         split_attrs = {"axis": -1, "sizes": sizes}
         split = Node("split", [lin.out], split_attrs, ops.infer_types("split", [lin.out.type], split_attrs))
@@ -72,5 +83,5 @@ def fuse_projections(graph: Graph, ctx: PassContext) -> Graph:
             graph.replace_uses(n.out, part)
         for n in group:
             graph.nodes.remove(n)
-        ctx.count(f"fused_{len(group)}")
+        ctx.count(f"{counter}_{len(group)}")
     return graph

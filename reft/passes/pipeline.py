@@ -2,13 +2,15 @@
 after each of these as NNN_<name>.ir."""
 from __future__ import annotations
 
-from .add_lora import add_lora
+from .add_lora import add_lora, add_lora_eval
+from .add_lora_slots import add_lora_slots
 from .add_optimizer import add_optimizer
 from .attach_loss import attach_loss
 from .cast_weights import cast_weights
 from .differentiate import differentiate
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_code import eliminate_dead_code
+from .extract_hidden_states import extract_hidden_states
 from .fuse_add_rms_norm import fuse_add_rms_norm
 from .fuse_glu import fuse_glu
 from .fuse_projections import fuse_projections
@@ -19,10 +21,21 @@ from .plan_memory import plan_memory_pass
 from .quantize_weights import quantize_weights
 from .scale_activations import scale_activations
 
+# -- tasks (`reftc compile --task`): what the forward entry returns. Run on the traced graph before its
+#    weights are bound, so weights a task drops (an LM head) need not be in the checkpoint
+TASKS: dict[str, list[tuple[str, PassFn]]] = {
+    "generate": [],                                  # logits at logit_rows
+    "embed": [
+        ("extract_hidden_states", extract_hidden_states),   # the final norm's output at logit_rows
+        ("eliminate_dead_code", eliminate_dead_code),       # drops the LM head
+    ],
+}
+
 PIPELINE: list[tuple[str, PassFn]] = [
     # -- clean-up of the traced model
     ("eliminate_dead_code", eliminate_dead_code),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
+    ("add_lora_slots", add_lora_slots),              # --max-loras: per-row LoRA updates from runtime adapter slots
     # -- compile-time weight transforms
     ("fuse_projections", fuse_projections),
     ("eliminate_dead_code", eliminate_dead_code),   # drops the weights the fusion replaced
@@ -65,6 +78,6 @@ EVAL: list[tuple[str, PassFn]] = [
     ("eliminate_dead_code", eliminate_dead_code),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("attach_loss", attach_loss),
-    ("add_lora", add_lora),
+    ("add_lora", add_lora_eval),                     # the adapters without dropout
     ("eliminate_dead_code", eliminate_dead_code),
 ]

@@ -5,12 +5,16 @@ Options (ctx.options): `quant` None | "int8" | "int4", `group_size` (int4: 32, 6
 
 Every `linear` whose weight is a float graph weight becomes a reader of the same weight in
 `int8` (per output channel, symmetric) or `int4_g{G}` (groups of G inputs, asymmetric),
-round-to-nearest, converted lazily through the WeightStore by reft.quant's quantizers. The LM
-head is the linear that produces the `logits` output (through row selection); a weight also
-read by something else than a linear (a tied embedding table) is quantized only with the head.
+round-to-nearest, converted lazily through the WeightStore by reft.quant's quantizers; so do the
+experts' stacked weights (`expert_linear`, `expert_linear_sum`: each expert's matrix row by row).
+The LM head is the linear that produces the `logits` output (through row selection); a weight also
+read by something else than a matmul (a tied embedding table) is quantized only with the head.
+A mixture-of-experts router (the linear whose logits feed `moe_router`) stays float: its choices
+are discrete, and rounding its few weights would move them for a negligible saving.
 Weights that arrive quantized (GGUF blocks) pass through unchanged.
 
-Counters: `to_int8` / `to_int4_g{G}` per weight, `kept_head` when the head stays float.
+Counters: `to_int8` / `to_int4_g{G}` per weight, `kept_head` when the head stays float,
+`kept_router` per router.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from ..ir.types import FLOAT_DTYPES, TensorType
 from .context import PassContext
 
 MODES = ("int8", "int4")
+MATMULS = {"linear": 1, "expert_linear": 3, "expert_linear_sum": 4}   # op -> index of the weight it quantizes
 
 
 def lm_head(graph: Graph) -> Node | None:
@@ -51,17 +56,20 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
     users = graph.users()
     done: set[str] = set()
     for n in graph.nodes:
-        if n.op != "linear":
+        if n.op not in MATMULS:
             continue
-        w = n.inputs[1].node
+        w = n.inputs[MATMULS[n.op]].node
         if w.op != "param" or w.out.dtype not in FLOAT_DTYPES or w.name in done:
             continue
-        only_linears = all(u.op == "linear" and u.inputs[1] is w.out and u.inputs[0] is not w.out
+        if any(u.op == "moe_router" for u in users.get(id(n.out), [])):
+            ctx.count("kept_router")
+            continue
+        only_matmuls = all(u.op in MATMULS and [i for i, v in enumerate(u.inputs) if v is w.out] == [MATMULS[u.op]]
                            for u in users.get(id(w.out), []))
-        if (n is head or not only_linears) and not with_head:
+        if (n is head or not only_matmuls) and not with_head:
             ctx.count("kept_head")
             continue
-        k = w.out.shape[1]
+        k = w.out.shape[-1]
         try:
             w.out.type = TensorType(w.out.shape, dtype)
         except TypeError:

@@ -4,6 +4,9 @@ A step runs the plan's `forward` entry once on a flattened batch of chunks; each
 the next `n` uncached tokens of one sequence (a whole prompt, a prompt piece, or the one
 new token of a decode step), so prefill, decode, chunked prefill and mixed batches are all
 the same call.
+
+The rows a step returns are the forward entry's one output at the rows each chunk asks for:
+logits for a generate plan, hidden states for an embed plan (`task="embed"`, runtime/embed.py).
 """
 from __future__ import annotations
 
@@ -13,31 +16,48 @@ from pathlib import Path
 import numpy as np
 
 from .. import backends
-from ..errors import RequestError
+from ..errors import PlanError, ReftError, RequestError
 from .kv_cache import PagePool, Sequence
+from .lora import AdapterSlots
 from .plan import Plan
+
+
+OUTPUTS = {"generate": "logits", "embed": "hidden_states"}   # task -> the forward entry's output
+TASK_MISMATCH = {
+    ("embed", "generate"): "{plan} was compiled with --task embed: it computes embeddings, not text; serve it"
+                           " with `reft run PLAN --serve` and POST /v1/embeddings",
+    ("generate", "embed"): "{plan} was compiled for generation; compile the model with `reftc compile MODEL -o"
+                           " PLAN --task embed` to compute embeddings",
+}
 
 
 @dataclass
 class Chunk:
     seq: Sequence
     n: int                 # process seq.tokens[seq.cached : seq.cached + n]
-    logits: str = "last"   # "last" | "all" | "none"
+    logits: str = "last"   # rows returned: "last" | "all" | "first" | "none"
 
 
 class Engine:
     def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
                  backend_options: backends.BackendOptions | None = None, prefix_caching: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, task: str = "generate"):
         """backend_options: what the plan's backend loads it with (e.g. the cpu backend's threads);
-        `threads=` is shorthand for BackendOptions(threads=...)."""
+        `threads=` is shorthand for BackendOptions(threads=...); task: what the caller needs the plan
+        to compute (a plan compiled for another task is a PlanError)."""
+        if plan.task != task:
+            raise PlanError(TASK_MISMATCH.get((plan.task, task), f"{plan.path} is a {plan.task} plan, not a {task} one")
+                            .format(plan=plan.path))
         self.plan = plan
+        self.output = OUTPUTS[task]
         self.exe = backends.load(plan, backend_options or backends.BackendOptions(threads=threads))
         self.context_length = plan.context_length
         limit = int(plan.manifest.get("max_batch_tokens") or 512)
         self.max_batch_tokens = min(max_batch_tokens or limit, limit)
         pages = -(-(kv_tokens or self.context_length) // plan.kv["page_size"])
         self.pool = PagePool(plan.kv, pages, self.exe.zeros, prefix_caching)
+        layout = plan.manifest.get("lora")   # --max-loras: adapter slots (runtime/lora.py)
+        self.adapters = AdapterSlots(layout, self.exe.zeros) if layout else None
 
     @classmethod
     def load(cls, path: str | Path, **kw) -> "Engine":
@@ -50,9 +70,23 @@ class Engine:
     def new_sequence(self, tokens: list[int]) -> Sequence:
         return Sequence(self.pool, tokens)
 
+    def adapter_sequence(self, tokens: list[int], adapter: str | None) -> Sequence:
+        """A sequence whose tokens run through the loaded LoRA adapter `adapter` (None: the base model)."""
+        if adapter is None:
+            return self.new_sequence(tokens)
+        if self.adapters is None:
+            raise RequestError(f"LoRA adapter {adapter!r} requested, but this plan has no adapter slots"
+                               " (compile it with --max-loras N)")
+        try:
+            slot = self.adapters.slot(adapter)
+        except ReftError as e:
+            raise RequestError(str(e)) from None
+        return Sequence(self.pool, tokens, adapter=slot, salt=b"lora:" + adapter.encode() + b"\0")
+
     def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
-        """Run one forward call; returns each chunk's logits rows ([0|1|n, V] float32)."""
-        ids, pos, sid, rows, counts = [], [], [], [], []
+        """Run one forward call; returns each chunk's rows ([0|1|n, V] float32 logits; [.., D] hidden
+        states on an embed plan)."""
+        ids, pos, sid, rows, counts, slots = [], [], [], [], [], []
         for s, c in enumerate(chunks):
             seq, start = c.seq, c.seq.cached
             if start + c.n > len(seq.tokens):
@@ -65,7 +99,8 @@ class Engine:
             ids += seq.tokens[start:start + c.n]
             pos += range(start, start + c.n)
             sid += [s] * c.n
-            want = {"last": [c.n - 1], "all": list(range(c.n)), "none": []}[c.logits]
+            slots += [seq.adapter] * c.n
+            want = {"last": [c.n - 1], "all": list(range(c.n)), "first": [0], "none": []}[c.logits]
             rows += [base + r for r in want]
             counts.append(len(want))
         mp = max(len(c.seq.pages) for c in chunks)
@@ -75,7 +110,9 @@ class Engine:
         feeds = {"input_ids": np.asarray(ids, np.int32), "positions": np.asarray(pos, np.int32),
                  "seq_ids": np.asarray(sid, np.int32), "logit_rows": np.asarray(rows, np.int32),
                  "page_table": table, **self.pool.arrays}
-        logits = self.exe.run(feeds)["logits"]
+        if self.adapters is not None:
+            feeds.update(self.adapters.feeds(slots))
+        logits = self.exe.run(feeds)[self.output]
         for c in chunks:
             c.seq.cached += c.n
         return list(np.split(np.asarray(logits, np.float32), np.cumsum(counts)[:-1]))

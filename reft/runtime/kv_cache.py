@@ -10,6 +10,9 @@ Notable:
 - A page whose last user leaves keeps its contents and its hash: it becomes *evictable* and is
   handed out again, least recently freed first, only when no never-used page is left. A later
   request with the same prefix revives it instead of recomputing it.
+- A sequence served through a LoRA adapter (reft/runtime/lora.py) computes other K/V than the
+  base model for the same tokens: its page names chain from the adapter's name, so prefixes are
+  shared only between sequences of the same adapter.
 - A sequence never writes into a page it shares: `Sequence.match_prefix` takes only pages that
   lie wholly before the sequence's last token, which is always recomputed (its logits are
   needed), so writes start on a page of the sequence's own.
@@ -118,9 +121,12 @@ class PagePool:
 class Sequence:
     """A sequence's tokens and the pages that hold its cached K/V (positions 0..cached-1)."""
 
-    def __init__(self, pool: PagePool, tokens: list[int] | None = None):
+    def __init__(self, pool: PagePool, tokens: list[int] | None = None, adapter: int = -1, salt: bytes = b""):
+        """adapter: the LoRA adapter slot its tokens run through (-1: the base model); salt: the
+        adapter's name, which the names of its cached pages chain from."""
         self.pool = pool
         self.tokens: list[int] = list(tokens or [])
+        self.adapter, self._salt = adapter, salt
         self.pages: list[int] = []
         self.cached = 0
         self._names: list[bytes] = []   # names of the leading full pages, as far as computed
@@ -142,7 +148,7 @@ class Sequence:
         ps = self.pool.page_size
         while len(self._names) <= i:
             j = len(self._names)
-            self._names.append(page_hash(self._names[-1] if j else b"", self.tokens[j * ps:(j + 1) * ps]))
+            self._names.append(page_hash(self._names[-1] if j else self._salt, self.tokens[j * ps:(j + 1) * ps]))
         return self._names[i]
 
     def match_prefix(self) -> int:

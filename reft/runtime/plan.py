@@ -55,6 +55,11 @@ class Plan:
             raise PlanError(f"plan tokenizer: {e}") from None
 
     @property
+    def task(self) -> str:
+        """What the forward entry returns: "generate" (logits), "embed" (hidden states) or "train"."""
+        return self.manifest.get("task") or "generate"
+
+    @property
     def context_length(self) -> int:
         return int(self.manifest.get("context_length") or 2048)
 

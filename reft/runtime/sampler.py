@@ -1,6 +1,8 @@
 """Token sampling on the host: penalties, greedy, temperature, top-k, top-p, min-p, seeded; logprobs.
 
 Per token, in this order (vLLM's and transformers' order):
+0. logit_bias (OpenAI): {token id: bias} added to the logits first, as if the model had said it
+   (-100 bans a token, +100 all but forces it).
 1. repetition_penalty r (CTRL / transformers): every token seen in the prompt or the output has
    its logit divided by r when positive, multiplied by r when negative.
 2. frequency and presence penalties (OpenAI): logit -= frequency x count in the output
@@ -31,6 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
 
     def validate(self) -> None:
         from ..errors import RequestError
@@ -48,10 +51,15 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if tok < 0 or not -100 <= bias <= 100:
+                raise RequestError(f"logit_bias: token ids must be >= 0 and biases in [-100, 100], got {tok}: {bias}")
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether the logits change before sampling (penalties or logit_bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 class Sampler:
@@ -64,14 +72,18 @@ class Sampler:
         self.prompt_ids = np.asarray(prompt_ids, np.int64)
 
     def penalize(self, logits: np.ndarray, output_ids=(), allowed: np.ndarray | None = None) -> np.ndarray:
-        """Logits (float64) after the repetition, frequency and presence penalties, and -inf where
-        `allowed` (a bool mask over the vocabulary) is False."""
+        """Logits (float64) after logit_bias, the repetition, frequency and presence penalties, and
+        -inf where `allowed` (a bool mask over the vocabulary) is False."""
         p = self.params
         z = np.array(logits, np.float64).reshape(-1)
         if allowed is not None:
             z[~allowed[:z.size]] = -np.inf
         if not p.penalized:
             return z
+        if p.logit_bias:
+            ids = np.fromiter(p.logit_bias, np.int64)
+            keep = ids < z.size
+            z[ids[keep]] += np.fromiter(p.logit_bias.values(), np.float64)[keep]
         out = np.asarray(output_ids, np.int64)
         if p.repetition_penalty != 1.0:
             seen = np.unique(np.concatenate([self.prompt_ids, out]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..errors import RequestError
 from .engine import Chunk
 from .kv_cache import PagePool, Sequence
 
@@ -107,3 +108,65 @@ class Scheduler:
         """After the step ran: offer newly filled pages to the prefix cache."""
         for c in plan.chunks:
             c.seq.register_pages()
+
+
+class BatchingEngine:
+    """What the generation and embedding engines (serving.py, embed.py) share around the scheduler:
+    the page pool and scheduler over an Engine, the requests in flight by id and by sequence, their
+    registration and removal, and the counts the server reports. Subclasses set `_finish(state,
+    reason, error=None)`, which ends a request and calls `_forget`."""
+
+    def __init__(self, engine, *, max_num_seqs: int, max_batch_tokens: int | None, max_model_len: int | None):
+        self.engine = engine
+        self.pool = engine.pool
+        self.tokenizer = engine.tokenizer
+        self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=min(max_batch_tokens or engine.max_batch_tokens,
+                                                        engine.max_batch_tokens))
+        # a lone sequence must always fit in the pool, or preemption could not make progress
+        self.max_model_len = min(max_model_len or engine.context_length, engine.context_length,
+                                 self.pool.num_pages * self.pool.page_size)
+        self.vocab_size = int(engine.plan.manifest.get("vocab_size") or self.tokenizer.vocab_size)
+        self._states: dict = {}    # request id -> its state (.req, .seq)
+        self._by_seq: dict = {}    # Sequence -> its state
+        self.prompt_tokens_total = 0
+
+    def _admit(self, st) -> None:
+        """Start tracking a checked request's state and queue its sequence."""
+        if st.req.id in self._states:
+            raise RequestError(f"request id {st.req.id!r} is already in flight")
+        self._states[st.req.id] = st
+        self._by_seq[st.seq] = st
+        self.scheduler.add(st.seq)
+        self.prompt_tokens_total += len(st.req.prompt_ids)
+
+    def _forget(self, st) -> None:
+        """Stop tracking a request; its pages go back to the pool."""
+        self.scheduler.remove(st.seq)
+        del self._states[st.req.id]
+        del self._by_seq[st.seq]
+
+    def abort(self, request_id: str):
+        """Cancel a request; its pages go back to the pool. None if it is not in flight."""
+        st = self._states.get(request_id)
+        return None if st is None else self._finish(st, "abort")
+
+    def fail_all(self, error: str) -> list:
+        """End every request in flight with finish reason "error" (after an unexpected failure)."""
+        return [self._finish(st, "error", error) for st in list(self._states.values())]
+
+    def _fail_step(self, plan: StepPlan, e: Exception) -> list:
+        """A step that raised fails its requests, not the server."""
+        return [self._finish(self._by_seq[c.seq], "error", f"{type(e).__name__}: {e}") for c in plan.chunks]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

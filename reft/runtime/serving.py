@@ -26,6 +26,8 @@ Notable:
   budget and the free pages); the step returns every row of those chunks, `_verify` samples them
   in order while the draws equal the drafts, and the sequence's tokens and cached length are
   rolled back to what was accepted before the prefix cache sees any page.
+- LoRA adapters per request (`Request.adapter`, reft/runtime/lora.py): the sequence carries its
+  adapter's slot into every step, so requests for different adapters and the base model batch.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from .engine import Engine
 from .grammar import Constraint, GrammarCompiler
 from .kv_cache import Sequence
 from .sampler import Sampler, SamplingParams, logprobs
-from .scheduler import Scheduler
+from .scheduler import BatchingEngine
 from .speculative import SpecStats
 from .stop import StopStrings
 
@@ -59,6 +61,7 @@ class Request:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives
     skip_special_tokens: bool = True
     grammar: Constraint | None = None   # structured output: the grammar the text must follow
+    adapter: str | None = None          # a LoRA adapter loaded in the engine (None: the base model)
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -118,27 +121,16 @@ class _State:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.req.prompt_ids)
 
 
-class ServingEngine:
+class ServingEngine(BatchingEngine):
     def __init__(self, engine: Engine, *, max_num_seqs: int = 64, max_batch_tokens: int | None = None,
                  max_model_len: int | None = None, observer=None, drafter=None, spec_tokens: int = 4):
         """drafter: an NgramDrafter or ModelDrafter (speculative decoding) proposing up to
         `spec_tokens` tokens per decoding sequence and step; None decodes one token per step."""
-        self.engine = engine
-        self.pool = engine.pool
-        self.tokenizer = engine.tokenizer
-        self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=min(max_batch_tokens or engine.max_batch_tokens,
-                                                        engine.max_batch_tokens))
-        # a lone sequence must always fit in the pool, or preemption could not make progress
-        self.max_model_len = min(max_model_len or engine.context_length, engine.context_length,
-                                 self.pool.num_pages * self.pool.page_size)
-        self.vocab_size = int(engine.plan.manifest.get("vocab_size") or self.tokenizer.vocab_size)
+        super().__init__(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                         max_model_len=max_model_len)
         self.eos = tuple(self.tokenizer.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self.observer = observer     # optional: .token(seconds, first=bool) and .finish(output)
-        self._states: dict[str, _State] = {}
-        self._by_seq: dict[Sequence, _State] = {}
-        self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         if drafter is not None and spec_tokens < 1:
             raise RequestError(f"spec_tokens must be >= 1, got {spec_tokens}")
@@ -165,39 +157,10 @@ class ServingEngine:
         req.sampling.validate()
 
     def add(self, req: Request) -> None:
-        if req.id in self._states:
-            raise RequestError(f"request id {req.id!r} is already in flight")
         self.check(req)
-        seq = self.engine.new_sequence(req.prompt_ids)
+        seq = self.engine.adapter_sequence(req.prompt_ids, req.adapter)
         seq.all_logits = req.prompt_logprobs is not None and len(req.prompt_ids) > 1
-        st = _State(req, seq, self.eos, self.tokenizer)
-        self._states[req.id] = st
-        self._by_seq[seq] = st
-        self.scheduler.add(seq)
-        self.prompt_tokens_total += len(req.prompt_ids)
-
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request; its pages go back to the pool. None if it is not in flight."""
-        st = self._states.get(request_id)
-        if st is None:
-            return None
-        return self._finish(st, "abort")
-
-    def fail_all(self, error: str) -> list[RequestOutput]:
-        """End every request in flight with finish reason "error" (after an unexpected failure)."""
-        return [self._finish(st, "error", error) for st in list(self._states.values())]
-
-    @property
-    def has_work(self) -> bool:
-        return self.scheduler.has_work
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        self._admit(_State(req, seq, self.eos, self.tokenizer))
 
     # --- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -216,7 +179,7 @@ class ServingEngine:
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
             for seq, d in drafts.items():
                 del seq.tokens[len(seq.tokens) - len(d):]
-            return [self._finish(self._by_seq[c.seq], "error", f"{type(e).__name__}: {e}") for c in plan.chunks]
+            return self._fail_step(plan, e)
         for seq, d in drafts.items():   # drafts leave the sequence until verified (the prefix cache
             del seq.tokens[len(seq.tokens) - len(d):]   # must never name a page after them)
             seq.cached = len(seq.tokens)
@@ -372,11 +335,9 @@ class ServingEngine:
         if reason in ("stop", "length") and not st.text.stopped:
             out.text += st.text.push(st.decoder.flush()) + st.text.flush()
         out.finish_reason, out.error = reason, error
-        self.scheduler.remove(st.seq)
+        self._forget(st)
         if self.drafter is not None:
             self.drafter.release(st.seq)
-        del self._states[st.req.id]
-        del self._by_seq[st.seq]
         if self.observer is not None:
             self.observer.finish(out)
         return out

@@ -1,5 +1,8 @@
 """The HTTP routes: OpenAI-compatible /v1 API, tokenizer routes, health, metrics, the chat page.
 
+A server runs one plan: a generate plan answers chat and completions, an embed plan
+/v1/embeddings (embeddings.py); each refuses the other's routes with a 400 naming why.
+
 Every error leaves as an OpenAI error body (`{"error": {message, type, param, code}}`) with a 4xx
 status for the client's mistakes: malformed JSON and wrong field types are 400 (not FastAPI's
 422), unknown routes 404, a full server 429; guards.py refuses a wrong Host (421) or Origin (403),
@@ -21,11 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .embeddings import EmbeddingServing, embeddings_refused, generation_refused
 from .guards import GuardConfig, Guards
 from .metrics import ServerMetrics
 from .openai_serving import ApiError, OpenAIServing
 from .responses import collect, sse_events
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                       error_body)
 
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
@@ -44,10 +49,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request body", None
-    # invalid Unicode is the one thing wrong however a union reads the value; say that
-    e = next((x for x in errs if x.get("type") == "invalid_unicode"), errs[0])
+    # invalid Unicode or an unsupported feature is the one thing wrong however a union reads the value; say that
+    e = next((x for x in errs if x.get("type") in ("invalid_unicode", "unsupported")), errs[0])
     loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _is_union_tag(x)]
-    if e.get("type") == "invalid_unicode":
+    if e.get("type") in ("invalid_unicode", "unsupported"):   # raised on the whole body, naming the field
         loc.append(e["ctx"]["field"])
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})", None
@@ -80,7 +85,9 @@ class _CountRequests:
             self.metrics.requests.labels(route, str(status[0])).inc()
 
 
-def build_app(serving: OpenAIServing, metrics: ServerMetrics, guards: GuardConfig = GuardConfig()) -> FastAPI:
+def build_app(serving: OpenAIServing, metrics: ServerMetrics, guards: GuardConfig = GuardConfig(),
+              embeddings: EmbeddingServing | None = None) -> FastAPI:
+    """embeddings: given for an embed plan (then `serving`'s engine runs the embedding engine)."""
     engine = serving.engine
 
     @asynccontextmanager
@@ -142,24 +149,34 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, guards: GuardConfi
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if embeddings is not None:
+            raise generation_refused("/v1/chat/completions")
         job = await to_thread.run_sync(serving.chat_requests, body)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run(request, job, True, body.stream, usage)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if embeddings is not None:
+            raise generation_refused("/v1/completions")
         job = await to_thread.run_sync(serving.completion_requests, body)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run(request, job, False, body.stream, usage)
 
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest, request: Request):
+        if embeddings is None:
+            raise embeddings_refused()
+        result = await embeddings.create(body, request)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [serving.model_card()]}
+        return {"object": "list", "data": serving.model_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        serving.check_model(model_id)
-        return serving.model_card()
+        return serving.model_card(model_id)
 
     # --- tokenizer ---------------------------------------------------------------------------------
     @app.post("/tokenize")

@@ -21,30 +21,36 @@ class _EngineState:
 
     def collect(self):
         s, pool = self.serving, self.serving.pool
-        for name, doc, value in (
-                ("reft_num_requests_running", "Sequences in the running batch.", s.num_running),
-                ("reft_num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
-                ("reft_kv_cache_pages_used", "KV-cache pages held by sequences.", pool.used_pages),
-                ("reft_kv_cache_pages_total", "KV-cache pages in the pool.", pool.num_pages),
-                ("reft_kv_cache_usage_ratio", "Fraction of KV-cache pages held by sequences.",
-                 pool.used_pages / max(pool.num_pages, 1)),
-                ("reft_prefix_cache_hit_rate", "Fraction of looked-up full prompt pages found in the prefix cache.",
-                 pool.hit_rate),
+        gauges = [
+            ("reft_num_requests_running", "Sequences in the running batch.", s.num_running),
+            ("reft_num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
+            ("reft_kv_cache_pages_used", "KV-cache pages held by sequences.", pool.used_pages),
+            ("reft_kv_cache_pages_total", "KV-cache pages in the pool.", pool.num_pages),
+            ("reft_kv_cache_usage_ratio", "Fraction of KV-cache pages held by sequences.",
+             pool.used_pages / max(pool.num_pages, 1)),
+            ("reft_prefix_cache_hit_rate", "Fraction of looked-up full prompt pages found in the prefix cache.",
+             pool.hit_rate)]
+        counters = [
+            ("reft_prefix_cache_queries", "Full prompt pages looked up in the prefix cache.", pool.queries),
+            ("reft_prefix_cache_hits", "Full prompt pages found in the prefix cache.", pool.hits),
+            ("reft_prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens_total),
+            ("reft_preemptions", "Sequences preempted for lack of KV pages (recomputed later).",
+             s.scheduler.preemptions)]
+        spec = getattr(s, "spec", None)   # generation only (an embed plan's engine generates nothing)
+        if spec is not None:
+            gauges += [
                 ("reft_spec_decode_acceptance_rate", "Speculative decoding: fraction of draft tokens accepted.",
-                 s.spec.acceptance_rate),
+                 spec.acceptance_rate),
                 ("reft_spec_decode_mean_accepted_length",
                  "Speculative decoding: tokens generated per verification step (accepted drafts + 1).",
-                 s.spec.mean_accepted_length)):
-            yield GaugeMetricFamily(name, doc, value=value)
-        for name, doc, value in (
-                ("reft_prefix_cache_queries", "Full prompt pages looked up in the prefix cache.", pool.queries),
-                ("reft_prefix_cache_hits", "Full prompt pages found in the prefix cache.", pool.hits),
-                ("reft_prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens_total),
+                 spec.mean_accepted_length)]
+            counters += [
                 ("reft_generation_tokens", "Tokens generated.", s.generation_tokens_total),
-                ("reft_preemptions", "Sequences preempted for lack of KV pages (recomputed later).",
-                 s.scheduler.preemptions),
-                ("reft_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified.", s.spec.drafted),
-                ("reft_spec_decode_accepted_tokens", "Speculative decoding: draft tokens accepted.", s.spec.accepted)):
+                ("reft_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified.", spec.drafted),
+                ("reft_spec_decode_accepted_tokens", "Speculative decoding: draft tokens accepted.", spec.accepted)]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
 
 

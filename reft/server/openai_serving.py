@@ -87,29 +87,46 @@ def sampling_params(body: _Sampling, defaults: dict, index: int) -> SamplingPara
                           top_k=max(top_k, 0), min_p=float(pick("min_p", 0.0)),
                           seed=None if body.seed is None else body.seed + index,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          repetition_penalty=body.repetition_penalty)
+                          repetition_penalty=body.repetition_penalty,
+                          logit_bias={int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None)
 
 
 class OpenAIServing:
     def __init__(self, engine, tokenizer, model_name: str, max_model_len: int, chat_template: str | None,
-                 defaults: dict, max_prompt_chars: int | None = None):
+                 defaults: dict, max_prompt_chars: int | None = None, adapters: dict[str, str] | None = None):
+        """adapters: the LoRA adapters loaded in the engine, name -> folder; a request selects one by
+        naming it as its `model`."""
         self.engine = engine                  # AsyncEngine
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.adapters = dict(adapters or {})
         self.max_model_len = max_model_len
         self.chat_template = chat_template
         self.defaults = defaults
         self.max_prompt_chars = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "reft",
+    def model_card(self, model: str | None = None) -> dict:
+        """The /v1/models entry of the base model or of a LoRA adapter (with its parent, as vLLM lists them)."""
+        adapter = self.check_model(model)
+        card = {"id": adapter or self.model_name, "object": "model", "created": 0, "owned_by": "reft",
                 "max_model_len": self.max_model_len}
+        if adapter is not None:
+            card.update(root=self.adapters[adapter], parent=self.model_name)
+        return card
+
+    def model_cards(self) -> list[dict]:
+        return [self.model_card()] + [self.model_card(a) for a in self.adapters]
 
     # --- validation shared by every route ----------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                           "model", "model_not_found")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for anything else."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(f"`{m}`" for m in [self.model_name, *self.adapters])
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves {served}", "model",
+                       "model_not_found")
 
     def check_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_chars:
@@ -183,7 +200,9 @@ class OpenAIServing:
     def _requests(self, body: _Sampling, prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
                   logprobs: int | None, prefix: str, echo: bool = False) -> Job:
         """Engine requests for each prompt x n choices; `echo` allows max_tokens 0 (score only)."""
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
+        if body.logit_bias:
+            self.check_ids([int(k) for k in body.logit_bias], "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex}"
         reqs, choices = [], []
         for p, ids in enumerate(prompts):
@@ -211,7 +230,8 @@ class OpenAIServing:
                 # echo scores the prompt when logprobs are asked for, or when there is nothing else to do
                 scoring = (logprobs if logprobs is not None else (0 if n_max == 0 else None)) if echo else None
                 reqs.append(Request(f"{rid}-{index}", ids, n_max, sp, body.stops, tuple(body.stop_token_ids or ()),
-                                    body.ignore_eos, logprobs, scoring))
+                                    body.ignore_eos, logprobs, scoring, skip_special_tokens=body.skip_special_tokens,
+                                    adapter=adapter))
                 choices.append(Choice(index, p))
         return Job(rid, reqs, choices, logprobs is not None, echo)
 

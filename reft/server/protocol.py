@@ -5,7 +5,8 @@ are the ones reft honours. Beyond OpenAI's own: top_k, min_p, repetition_penalty
 stop_token_ids and ignore_eos (vLLM's names and meanings); structured output through
 response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and
 structured_outputs, and llama-server's grammar and json_schema (structured.py reads them);
-tools, tool_choice and parallel_tool_calls on chat (tools.py).
+tools, tool_choice and parallel_tool_calls on chat (tools.py). Embeddings (embeddings.py):
+input, encoding_format, dimensions.
 
 Types are strict, as OpenAI's are: `"max_tokens": "3"` or `"stream": "yes"` is a 400, not
 coerced; an int is accepted where a float is expected (`"temperature": 1`). A string holding a
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -80,6 +81,27 @@ class StructuredOutputs(_Body):
     json_object: bool | None = None
 
 
+# Fields of the OpenAI / vLLM APIs that select behaviour reft does not have: a request that uses one
+# is a 400 naming it rather than an answer that silently ignores it. field -> (is it used?, why not)
+UNSUPPORTED = {
+    "suffix": (lambda v: v not in (None, ""), "suffix (text after the insertion point) is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of > 1 is not supported; use n"),
+    "functions": (lambda v: v is not None, "the legacy `functions` field is not supported; use tools"),
+    "function_call": (lambda v: v is not None, "the legacy `function_call` field is not supported; use tool_choice"),
+    "audio": (lambda v: v is not None, "audio output is not supported"),
+    "modalities": (lambda v: v not in (None, ["text"]), "only the text modality is supported"),
+    "prediction": (lambda v: v is not None, "predicted outputs are not supported (the server's --spec-ngram"
+                   " drafts from the prompt)"),
+    "web_search_options": (lambda v: v is not None, "web search is not supported"),
+    "reasoning_effort": (lambda v: v is not None, "reasoning_effort is not supported"),
+    "min_tokens": (lambda v: v not in (None, 0), "min_tokens is not supported"),
+    "use_beam_search": (lambda v: bool(v), "beam search is not supported"),
+    "length_penalty": (lambda v: v not in (None, 1, 1.0), "length_penalty (beam search) is not supported"),
+    "include_stop_str_in_output": (lambda v: bool(v), "include_stop_str_in_output is not supported"),
+    "truncate_prompt_tokens": (lambda v: v is not None, "truncate_prompt_tokens is not supported"),
+}
+
+
 class _Sampling(_Body):
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -107,6 +129,27 @@ class _Sampling(_Body):
     structured_outputs: StructuredOutputs | None = None
     grammar: StrictStr | None = None          # llama-server: GBNF (or Lark)
     json_schema: dict | None = None           # llama-server
+    logit_bias: dict[str, float] | None = None   # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
+    skip_special_tokens: bool = True          # vLLM: leave special tokens out of the text
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for key, (used, why) in UNSUPPORTED.items():
+                if used(data.get(key)):
+                    raise PydanticCustomError("unsupported", why, {"field": key})
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v):
+        for k, b in (v or {}).items():
+            if not k.isdigit():
+                raise ValueError(f"keys must be token ids, got {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {b} for token {k}")
+        return v
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -118,6 +161,14 @@ class _Sampling(_Body):
 class TextPart(_Body):
     type: Literal["text"]
     text: StrictStr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise PydanticCustomError("unsupported", "content parts of type {kind} are not supported (text only)",
+                                      {"field": "type", "kind": repr(data.get("type"))})
+        return data
 
 
 class FunctionCall(_Body):
@@ -188,6 +239,26 @@ class CompletionRequest(_Sampling):
     prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: str | None = None        # accepted; changes nothing
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value):
+        """One message for every wrong shape (rather than the first union member's complaint)."""
+        ids = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
+        if isinstance(value, str) or (isinstance(value, list) and (
+                all(isinstance(x, str) for x in value) or ids(value)
+                or all(isinstance(x, list) and ids(x) for x in value))):
+            return value
+        raise PydanticCustomError("input_type", "must be a string, a list of strings, a list of token ids or a list"
+                                  " of lists of token ids")
 
 
 class TokenizeRequest(_Body):

@@ -2,7 +2,9 @@
 
 Engine (one plan, its page pool) -> ServingEngine (scheduler + sampling) -> AsyncEngine (the
 background step loop) -> OpenAIServing (API semantics) -> FastAPI app, served by uvicorn on one
-socket that is bound here first, so a busy port is one clear error.
+socket that is bound here first, so a busy port is one clear error. An embed plan (reftc compile
+--task embed) runs an EmbeddingEngine (pooling) in the ServingEngine's place and answers
+/v1/embeddings (embeddings.py) instead of chat and completions.
 """
 from __future__ import annotations
 
@@ -84,11 +86,26 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_task(plan, embedding, speculative: bool, loras: bool = False) -> None:
+    """Options that only apply to the other task's plans are an error, not ignored."""
+    if plan.task == "embed" and (speculative or loras):
+        raise ReftError(f"{plan.path} is an embed plan (reftc compile --task embed); --draft, --spec-ngram and"
+                        " --lora apply to generation")
+    if plan.task != "embed" and embedding is not None:
+        raise ReftError(f"--pooling, --no-normalize and --matryoshka apply to embed plans; {plan.path} was compiled"
+                        " for generation (compile the model with `reftc compile MODEL -o PLAN --task embed`)")
+    if embedding is not None:
+        embedding.check()
+
+
 def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cache_memory: str | None,
           max_num_seqs: int, max_batch_tokens: int | None, max_queue: int, chat_template: Path | None,
           backend_options, model_name: str | None, prefix_caching: bool = True, metrics_public: bool = False,
           max_request_bytes: str | None = None, max_prompt_chars: int | None = None,
-          allowed_hosts: str | None = None) -> None:
+          allowed_hosts: str | None = None, draft_plan: Path | None = None, spec_ngram: bool = False,
+          spec_tokens: int = 4, embedding=None, loras: dict | None = None) -> None:
+    """embedding: a runtime.embed.EmbeddingOptions (--pooling, ...) for an embed plan; None: defaults.
+    loras: LoRA adapters to load, name -> PEFT adapter folder (requests pick one by `model`)."""
     try:
         import uvicorn
 
@@ -98,8 +115,10 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     from ..frontends.config import load_generation_config
     from ..runtime.async_engine import AsyncEngine
     from ..runtime.engine import Engine
+    from ..runtime.lora import load_adapters
     from ..runtime.plan import Plan
     from ..runtime.serving import ServingEngine
+    from ..runtime.speculative import make_drafter
     from .guards import DEFAULT_MAX_REQUEST_BYTES, GuardConfig, allowed_host_names
     from .metrics import ServerMetrics
     from .openai_serving import PROMPT_CHARS_PER_TOKEN, OpenAIServing
@@ -116,21 +135,39 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
         except (OSError, UnicodeDecodeError) as e:
             raise ReftError(f"{chat_template}: cannot read chat template ({e})") from None
     plan = Plan(plan_path)
+    embed = plan.task == "embed"
+    _check_task(plan, embedding, bool(draft_plan or spec_ngram), bool(loras))
     pages = kv_pages(plan.kv, kv_cache_memory, max_num_seqs, plan.context_length)
     engine = Engine(plan, kv_tokens=pages * plan.kv["page_size"], max_batch_tokens=max_batch_tokens,
-                    backend_options=backend_options, prefix_caching=prefix_caching)
+                    backend_options=backend_options, prefix_caching=prefix_caching,
+                    task="embed" if embed else "generate")
     if template is not None:
         engine.tokenizer.render_chat([{"role": "user", "content": "hi"}], template=template)  # fails early
+    load_adapters(engine, loras or {})
     metrics = ServerMetrics()
-    serving = ServingEngine(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, observer=metrics)
+    if embed:
+        from ..runtime.embed import EmbeddingEngine, EmbeddingOptions
+
+        serving = EmbeddingEngine(engine, embedding or EmbeddingOptions(), max_num_seqs=max_num_seqs,
+                                  max_batch_tokens=max_batch_tokens, observer=metrics)
+    else:
+        drafter = make_drafter(draft_plan, spec_ngram, spec_tokens, engine, backend_options)
+        serving = ServingEngine(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                                observer=metrics, drafter=drafter, spec_tokens=spec_tokens)
     metrics.watch(serving)
     gen = load_generation_config(plan.path / "tokenizer")
     defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
     name = model_name or Path(plan_path).resolve().name
     api = OpenAIServing(AsyncEngine(serving, max_num_seqs + max_queue), engine.tokenizer, name,
                         serving.max_model_len, template, defaults,
-                        max_prompt_chars or PROMPT_CHARS_PER_TOKEN * plan.context_length)
-    app = build_app(api, metrics, guards)
+                        max_prompt_chars or PROMPT_CHARS_PER_TOKEN * plan.context_length,
+                        {n: str(p) for n, p in (loras or {}).items()})
+    if embed:
+        from .embeddings import EmbeddingServing
+
+        print(f"reft: {name} is an embed plan: POST /v1/embeddings ({serving.options.describe()})",
+              file=sys.stderr, flush=True)
+    app = build_app(api, metrics, guards, EmbeddingServing(api, serving) if embed else None)
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"reft: serving {name} at http://{shown}:{sock.getsockname()[1]}/ (OpenAI API under /v1;"

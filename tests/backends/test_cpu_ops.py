@@ -52,7 +52,7 @@ def build(cases) -> tuple[Graph, dict, dict]:
         vals = []
         for i, (x, t) in enumerate(zip(xs, input_types(xs))):
             name = f"c{c}_in{i}"
-            if PACKED_READERS.get(op) == i and x.ndim == 2:
+            if PACKED_READERS.get(op) == i and x.ndim in (2, 3):   # matrices, stacks of experts
                 weights[name] = x.copy()
                 vals.append(b.param(name, t.shape, t.dtype))
                 continue

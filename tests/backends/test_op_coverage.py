@@ -17,8 +17,10 @@ def test_every_op_is_lowered_by_the_cpu_backend_or_reference_only():
 
 
 def test_op_facts_live_in_the_registry():
-    assert quantized_weight_inputs() == {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1}
-    assert PACKED_READERS == quantized_weight_inputs()
+    assert quantized_weight_inputs() == {"linear": 1, "linear_glu": 1, "qkv_rope": 1, "embedding": 1,
+                                         "linear_grad_input": 1, "expert_linear": 3, "expert_glu": 3,
+                                         "expert_linear_sum": 4}
+    assert PACKED_READERS == {k: v for k, v in quantized_weight_inputs().items() if k != "linear_grad_input"}
     assert ops.get("reshape").aliases == {0: 0}
     assert ops.get("kv_cache_write").aliases == {0: 0, 1: 1}
     assert ops.get("add").vjp is not None and ops.get("kv_cache_write").vjp is None   # gradient rules

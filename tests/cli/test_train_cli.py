@@ -1,7 +1,10 @@
 """`reft train` / `reft export` end to end on the reference backend: a tiny model SFT-trained with
 full, freeze and LoRA fine-tuning answers its training instructions through `reftc compile` +
 `reft run --chat --temperature 0` (and stops); 10 + 10 steps with --resume equal 20 in one run,
-byte for byte; every bad input is one `error:` line, a non-zero exit and no checkpoint."""
+byte for byte; every bad input is one `error:` line, a non-zero exit and no checkpoint. On a GGUF
+with quantized weights (tests/qlora_tiny.py), on the cpu backend: LoRA keeps the base quantized
+and writes an adapter that PEFT loads on the dequantized transformers model, with the logits of
+reft's merged export; full fine-tuning trains float32 weights that start from the dequantized ones."""
 from __future__ import annotations
 
 import json
@@ -110,7 +113,7 @@ def test_bad_input_is_one_line(case, tiny, tmp_path):
         "no trainable layers": ({"--fine-tuning-type": "freeze", "--freeze-trainable-layers": "0"}, ["trains nothing"]),
         "dir not writable": ({"--checkpoint-dir": blocker / "ckpt"}, ["a_file"]),
         "text data for sft": ({"--datasets": f"text@{bad}"}, ["--stage sft"]),
-        "lora dropout": ({"--lora-dropout": "0.1"}, ["dropout"]),
+        "lora dropout": ({"--lora-dropout": "1"}, ["--lora-dropout", "below 1"]),
     }[case]
     opts = {"--datasets": f"alpaca@{data}", "--checkpoint-dir": ckpt, **extra}
     r = invoke(reft, "train", "--model", model, "--chat-template", template, "--backend", "reference", "--max-steps",
@@ -145,3 +148,68 @@ def test_export_needs_merge_for_an_adapter(tiny, tmp_path):
     r = invoke(reft, "export", tmp_path / "ckpt" / "checkpoint-1", "-o", tmp_path / "out")
     one_error(r, "LoRA adapter", "--merge")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory):
+    from qlora_tiny import STORIES_GGUF, write_tiny_gguf
+
+    if not STORIES_GGUF.is_file():
+        pytest.skip("shared/models/stories260K is absent")
+    return write_tiny_gguf(tmp_path_factory.mktemp("qlora") / "tiny.gguf")
+
+
+def test_qlora_on_a_gguf_writes_an_adapter_peft_loads(tiny, quantized_gguf, tmp_path):
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from qlora_tiny import hf_model
+
+    from reft.compiler import compile_model
+    from reft.runtime.engine import Engine
+    from reft.runtime.train.checkpoint import read_weights
+
+    _, data, template = tiny
+    r = invoke(reft, "train", "--model", quantized_gguf, "--datasets", f"alpaca@{data}", "--checkpoint-dir",
+               tmp_path / "ckpt", "--chat-template", template, "--batch-size", "2", "--backend", "cpu",
+               *MEMORISE["lora"][0], "--lora-dropout", "0.05", "--max-steps", "6", "--learning-rate", "1e-2")
+    assert r.exit_code == 0, r.output
+    assert "15 frozen matrices stay quantized" in r.stderr        # 7 projections x 2 layers, the embedding
+    final = tmp_path / "ckpt" / "checkpoint-6"
+    adapter = read_weights(final / "adapter_model.safetensors")
+    hf = hf_model(quantized_gguf)
+    ids = [1, 5, 77, 300, 12, 9, 411, 2]
+    with torch.no_grad():
+        base = hf(torch.tensor([ids])).logits[0].numpy()
+        model = PeftModel.from_pretrained(hf, final).eval()
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    loaded = {k.replace(".default", ""): v.detach().numpy() for k, v in model.state_dict().items() if "lora_" in k}
+    assert set(loaded) == set(adapter) and len(adapter) == 2 * 7 * 2
+    for k, a in adapter.items():
+        np.testing.assert_array_equal(loaded[k], a, err_msg=k)
+    assert np.abs(want - base).max() > 1e-2                                       # the adapter matters
+    r = invoke(reft, "export", final, "--merge", "-o", tmp_path / "merged")
+    assert r.exit_code == 0, r.output
+    plan = compile_model(tmp_path / "merged", tmp_path / "plan", backend="reference", progress=False)
+    np.testing.assert_allclose(Engine.load(plan).logits(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_full_fine_tuning_of_a_gguf_trains_its_dequantized_weights(tiny, quantized_gguf, tmp_path):
+    import numpy as np
+    from qlora_tiny import dequantized_state
+
+    from reft.runtime.train.checkpoint import read_weights
+
+    _, data, template = tiny
+    lr = 1e-3
+    r = invoke(reft, "train", "--model", quantized_gguf, "--datasets", f"alpaca@{data}", "--checkpoint-dir",
+               tmp_path / "ckpt", "--chat-template", template, "--batch-size", "2", "--backend", "cpu",
+               "--fine-tuning-type", "full", "--max-steps", "1", "--learning-rate", str(lr))
+    assert r.exit_code == 0, r.output
+    assert "stay quantized" not in r.stderr
+    got = read_weights(tmp_path / "ckpt" / "checkpoint-1" / "model.safetensors")
+    start = dequantized_state(quantized_gguf)
+    assert set(got) == set(start)
+    for k, w in start.items():          # AdamW's first step moves a weight by at most the learning rate
+        step = np.abs(got[k] - w)
+        assert got[k].dtype == np.float32 and 0 < step.max() <= lr * 1.001, (k, step.max())

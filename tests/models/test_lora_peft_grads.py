@@ -69,10 +69,10 @@ def adapters(hf, targets, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def reft_executable(source, targets, tensors, backend: str, out):
-    """The LoRA train plan's executable, its adapters set to `tensors`."""
-    lora = LoraConfig(r=RANK, alpha=ALPHA, targets=targets, dropout=0.0)
-    opts = TrainPlanOptions(backend=backend, lora=lora, accumulate=True, max_batch_tokens=64, threads=2)
+def reft_executable(source, targets, tensors, backend: str, out, dropout: float = 0.0, **options):
+    """The LoRA train plan's executable, its adapters set to `tensors` (options: TrainPlanOptions')."""
+    lora = LoraConfig(r=RANK, alpha=ALPHA, targets=targets, dropout=dropout)
+    opts = TrainPlanOptions(backend=backend, lora=lora, accumulate=True, max_batch_tokens=64, threads=2, **options)
     plan = compile_train_plan(source, out, opts, weights=tensors)
     exe = backends.load(Plan(plan), threads=2)
     for k, v in exe.read_weights(sorted(tensors)).items():   # the plan trains from our adapters

@@ -90,4 +90,4 @@ def test_kept_tensors_and_errors(stories):
         add_lora(forward(src, cfg), PassContext(WeightStore(src.weights),
                                                  options={"lora": LoraConfig(targets=("q_proj", "lm_head"))}))
     with pytest.raises(ReftError, match="dropout"):
-        add_lora(forward(src, cfg), PassContext(WeightStore(src.weights), options={"lora": LoraConfig(dropout=0.05)}))
+        add_lora(forward(src, cfg), PassContext(WeightStore(src.weights), options={"lora": LoraConfig(dropout=1.0)}))

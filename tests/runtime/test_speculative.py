@@ -133,20 +133,20 @@ def draft_plan(tmp_path_factory, stories_dir):
     from reft.compiler import compile_model
 
     return compile_model(stories_dir, tmp_path_factory.mktemp("plans") / "draft", progress=False,
-                         quant="int8")
+                         dtype="float16")
 
 
-@pytest.mark.parametrize("which", ["int8", "itself"])
+@pytest.mark.parametrize("which", ["float16", "itself"])
 def test_draft_model_greedy_equals_plain_decoding(engine, draft_plan, stories_plan, which):
     ps = repetitive_prompts(engine, 5, seed=3)
     want = [alone(engine, p, 32) for p in ps]
-    draft = Engine.load(draft_plan if which == "int8" else stories_plan, kv_tokens=4096, prefix_caching=False)
+    draft = Engine.load(draft_plan if which == "float16" else stories_plan, kv_tokens=4096, prefix_caching=False)
     drafter = ModelDrafter(draft, 4, 512, engine.tokenizer)
     serving = ServingEngine(engine, max_num_seqs=5, drafter=drafter, spec_tokens=4)
     got, *_ = run_all(serving, [Request(f"r{i}", p, 32, GREEDY, ignore_eos=True) for i, p in enumerate(ps)])
     assert [got[f"r{i}"] for i in range(5)] == want
-    # the model drafting for itself is always right; an int8 copy of this 260K-parameter model often
-    assert serving.spec.acceptance_rate > (0.95 if which == "itself" else 0.2)
+    # the model drafting for itself is always right; a float16 copy nearly always
+    assert serving.spec.acceptance_rate > (0.95 if which == "itself" else 0.8)
     assert draft.pool.used_pages == 0 and engine.pool.used_pages == 0
 
 

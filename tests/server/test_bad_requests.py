@@ -56,7 +56,8 @@ RAW = [  # (route, body as raw bytes or JSON, status)
     ("/v1/completions", {"prompt": "Once", "logprobs": 100}, 400),
     ("/detokenize", {"tokens": [-1]}, 400),
     ("/tokenize", {}, 400),
-    ("/v1/embeddings", {"input": "hi"}, 404),                                               # no such route
+    ("/v1/embeddings", {"input": "hi"}, 400),                                       # a generate plan's server
+    ("/v1/nonexistent", {"input": "hi"}, 404),                                              # no such route
     ("/v1/completions", {"prompt": "Once", "max_tokens": "3"}, 400),                         # strict types
     ("/v1/completions", {"prompt": "Once", "stream": "yes"}, 400),
     ("/v1/completions", {"prompt": "Once", "temperature": "0.5"}, 400),
@@ -95,6 +96,46 @@ def test_invalid_unicode(server, route, body, param):
     assert_error(r.status_code, r.json(), 400)
     err = r.json()["error"]
     assert err["param"] == param and "not valid Unicode" in err["message"], err
+
+
+UNSUPPORTED = [  # (route, extra fields, the param the 400 names): behaviour reft lacks is refused, not ignored
+    ("/v1/completions", {"suffix": "the end"}, "suffix"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/completions", {"min_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"logit_bias": {"7": 200}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"999999": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages.0.content.0.type"),
+]
+
+
+@pytest.mark.parametrize("route,extra,param", UNSUPPORTED, ids=[u[2] for u in UNSUPPORTED])
+def test_unsupported_fields_are_400_naming_them(server, route, extra, param):
+    base = {"messages": MSG} if "chat" in route else {"prompt": "Once"}
+    r = httpx.post(server.url + route, json={**base, "max_tokens": 2, **extra}, timeout=30)
+    assert_error(r.status_code, r.json(), 400)
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_logit_bias_and_skip_special_tokens_are_honoured(server, engine):
+    tok = engine.tokenizer
+    forced = tok.encode("Lily", add_special_tokens=False)[0]
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 3, "temperature": 1.0,
+                                                        "logit_bias": {str(forced): 100}, "logprobs": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"].split() == ["Lily"] * 3
+    eos = tok.eos_token_ids[0]
+    body = {"prompt": "Once", "max_tokens": 2, "temperature": 0, "logit_bias": {str(eos): 100}, "ignore_eos": True}
+    hidden = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    shown = httpx.post(server.url + "/v1/completions", json={**body, "skip_special_tokens": False},
+                       timeout=30).json()["choices"][0]["text"]
+    assert hidden == "" and shown.strip() == tok.decode([eos, eos]).strip() != ""
 
 
 def test_surrogate_pairs_and_int_floats_are_fine(server):

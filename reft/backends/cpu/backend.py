@@ -16,7 +16,7 @@ from ..base import BackendOptions, WeightLayout
 from ..registry import register
 from .compile import build_library, render, rename_exports
 from .lower import PACKED, choose_layouts, lower, pack, packed_shape
-from .targets import get as get_target, host_target
+from .targets import get as get_target, host_target, tuning
 
 
 def entry_record(low, entry: str, source: str, first: bool) -> dict:
@@ -57,8 +57,9 @@ class CpuBackend:
         target = self.target(options)
         plans = memory_plans or {}
         shared = choose_layouts(list(graphs.values()))   # one layout per weight for every entry
-        lows = {e: lower(g, options.max_batch_tokens, target, plans.get(e), shared) for e, g in graphs.items()}
-        sources = [render(low, e, target) if i == 0 else rename_exports(render(low, e, target), e)
+        tune = tuning(target, options.deterministic, options.max_batch_tokens)
+        lows = {e: lower(g, options.max_batch_tokens, target, plans.get(e), shared, tune) for e, g in graphs.items()}
+        sources = [render(low, e, target, tune) if i == 0 else rename_exports(render(low, e, target, tune), e)
                    for i, (e, low) in enumerate(lows.items())]
         srcs, lib = build_library(sources, target, kernels_dir)
         layouts: dict[str, str] = {}
@@ -71,7 +72,8 @@ class CpuBackend:
                    for e, low in lows.items() for c in low.calls]
         entries = {e: entry_record(low, e, f"kernels/{src.name}", e == first)
                    for (e, low), src in zip(lows.items(), srcs)}
-        return {"name": self.name, "target": target, "tuning": dict(get_target(target).tuning), "layouts": layouts,
+        return {"name": self.name, "target": target, "tuning": tune, "deterministic": options.deterministic,
+                "layouts": layouts,
                 "kernel": {"source": f"kernels/{srcs[0].name}", "library": f"kernels/{lib.name}"},
                 "entries": entries, "kernels": kernels}
 

@@ -22,18 +22,20 @@ from .targets import compile_flags, compiler_prefix, get as get_target
 TEMPLATES = Path(__file__).parent / "templates"
 HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h",
            "optim.h"]
-# headers included only where an entry's graph uses them (Lowered.headers): the training ops
-TRAIN_HEADERS = ["grad.h", "attention_grad.h", "loss.h"]
+# headers included only where an entry's graph uses them (Lowered.headers): the training ops, and
+# the mixture-of-experts kernels, the LoRA adapter slots
+OPTIONAL_HEADERS = ["grad.h", "attention_grad.h", "loss.h", "moe.h", "lora.h"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
 
 
-def render(low: Lowered, entry: str, target: str) -> str:
-    """The C++ source of one entry point: `extern "C" int reft_<entry>(...)` and its kernels."""
+def render(low: Lowered, entry: str, target: str, tune: dict | None = None) -> str:
+    """The C++ source of one entry point: `extern "C" int reft_<entry>(...)` and its kernels, compiled
+    with `tune` (targets.tuning; None: the target's own constants)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("forward.cpp.j2").render(
-        version=__version__, entry=entry, target=get_target(target).describe(), tuning=get_target(target).tuning,
-        headers=HEADERS + [h for h in TRAIN_HEADERS if h in low.headers], constants=low.constants,
+        version=__version__, entry=entry, target=get_target(target).describe(), tuning=tune or get_target(target).tuning,
+        headers=HEADERS + [h for h in OPTIONAL_HEADERS if h in low.headers], constants=low.constants,
         scratch_floats=low.scratch_floats, symbols=low.symbols, calls=low.calls)
 
 

@@ -7,8 +7,9 @@ the memory plan (views and KV-cache writes alias their source buffer).
 
 Weight layout (choose_layouts, over every entry graph of a plan): a float matrix is packed when
 every reader understands the packed layout; one that a backward op or the optimizer also reads
-stays row-major and the matmul kernels see it as `rowmajor<T>` (linear.h). Backward and loss ops
-(training) add their headers to the source (Lowered.headers); their cross-thread reductions use
+stays row-major and the matmul kernels see it as `rowmajor<T>` (linear.h); stacked expert weights
+[E, N, K] pack expert by expert. Backward and loss ops (training) and the mixture-of-experts ops (moe.h)
+add their headers to the source (Lowered.headers); the backward ops' cross-thread reductions use
 thread 0's scratch as a shared buffer between two calls, and the cross-entropy tiles are
 CE_ROWS x CE_VOCAB.
 """
@@ -20,6 +21,8 @@ import numpy as np
 
 from ...errors import PlanError
 from ...ir import Graph, Node, Value, ops
+from ...ir.ops.dropout import scale as dropout_scale
+from ...ir.ops.dropout import threshold as dropout_threshold
 from ...ir.ops.nn import ROPE_DEFAULTS, rope_inv_freq
 from ...ir.quantized import rounds_activations
 from ...passes.plan_memory import MemoryPlan, plan_memory
@@ -32,12 +35,15 @@ CTYPE.update({"int8": "int8_t_", "int4_g32": "int4_t_<32>", "int4_g64": "int4_t_
 SYMBOL_ORDER = ("T", "R", "S", "MP", "NP")
 RB = 8                  # rows of a packed weight block (templates/linear.h)
 # consumers that read a weight matrix in the packed layout: op -> index of the weight input (the
-# input the op registry says may carry a weight matrix: OpDef.quantized_input)
-PACKED_READERS = ops.registry.quantized_weight_inputs()
+# input the op registry says may carry a weight matrix: OpDef.quantized_input), but for the
+# backward's linear_grad_input, which reads float weights row-major (and quantized ones in their blocks)
+ROWMAJOR_READERS = frozenset({"linear_grad_input"})
+PACKED_READERS = {op: i for op, i in ops.registry.quantized_weight_inputs().items() if op not in ROWMAJOR_READERS}
 PACKED = "rows8x16"
 NORM_BLOCK = 8192       # values per block of the gradient-norm sum (templates/optim.h)
 RMS_GRAD_BLOCK = 32     # rows per block of rms_norm_grad's dw shares (templates/grad.h)
 CE_ROWS, CE_VOCAB = 128, 1024   # token rows x vocabulary rows of one cross-entropy logits tile (templates/loss.h)
+ROUTER_KERNELS = {"softmax_topk": "k_router_softmax_topk"}   # moe_router mode -> its kernel (templates/moe.h)
 ROPE_KEYS = ("theta", "rotary_dim", *ROPE_DEFAULTS)
 
 
@@ -80,10 +86,10 @@ def strides(shape) -> list[str]:
 
 class Lowering:
     def __init__(self, graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None,
-                 layouts: dict[str, str] | None = None):
+                 layouts: dict[str, str] | None = None, tune: dict | None = None):
         self.g = graph
         self.max_tokens = max_tokens
-        self.tune = get_target(target).tuning   # the #defines the kernels are compiled with
+        self.tune = tune or get_target(target).tuning   # the #defines the kernels are compiled with
         # the plan_memory pass's plan for max_tokens when the compiler ran it; planned here otherwise
         self.plan: MemoryPlan = plan or plan_memory(graph, {"T": max_tokens, "R": max_tokens})
         self.inputs = [n.name for n in graph.inputs()]
@@ -389,6 +395,13 @@ class Lowering:
         self._train(n)
         dy, w = n.inputs
         N, K = w.shape
+        if w.type.quantized:    # a LoRA base in its GGUF blocks: decoded a chunk of rows at a time
+            if not rounds_activations(w.dtype):
+                raise Unsupported(f"cpu backend: linear_grad_input reads llama.cpp block types, not {w.dtype}")
+            wt, wp = self.weight(n, w)
+            self.need_scratch(self.tune["GEMM_CHUNK"] * K)
+            self.emit("k_linear_grad_input_q", [wt], [self.ptr(dy), self.rows(dy), N, wp, K, self.out(n.out), "scr"])
+            return
         if w.dtype != "float32":
             self.need_scratch(self.tune["GEMM_CHUNK"] * K)
         self.emit("k_linear_grad_input", [ct(w.dtype)], [self.ptr(dy), self.rows(dy), N, self.ptr(w), K,
@@ -414,6 +427,13 @@ class Lowering:
                   [self.ptr(dy), self.ptr(x), self.ptr(w), self.rows(x), D, eps, dx, "scratch", *off[1:]],
                   comment="dx, dw shares")
         self.emit("k_rms_norm_grad_fold", [RMS_GRAD_BLOCK], ["scratch", self.rows(x), D, dw], comment="dw")
+
+    def op_dropout(self, n: Node):
+        self._train(n)
+        x, key = n.inputs
+        p, stream = A(n)["p"], A(n)["stream"]
+        self.emit("k_dropout", [], [self.ptr(x), expr(x.shape), self.ptr(key), f"{stream}ull",
+                                    f"{dropout_threshold(p)}ull", _f(dropout_scale(p)), self.out(n.out)])
 
     def op_rope_grad(self, n: Node):
         self._train(n)
@@ -574,6 +594,72 @@ class Lowering:
             self._copy(self.ptr(x), f"({self.out(o)} + {at}*{os_[ax]})", x.shape, strides(x.shape), os_, x.dtype)
             at += x.shape[ax]
 
+    # -- LoRA adapter slots (templates/lora.h, included only by plans compiled with --max-loras) --
+    def op_lora_add(self, n: Node):
+        y, x, a, b, ids = n.inputs
+        if "lora.h" not in self.headers:
+            self.headers.append("lora.h")
+        _, R, K = a.shape
+        N = b.shape[2]
+        self.emit("k_lora_add", [K, N, R], [self.ptr(y), self.ptr(x), self.rows(x), self.ptr(a), self.ptr(b),
+                                            self.ptr(ids), self.out(n.out)])
+
+    # -- mixture of experts (templates/moe.h, included only by plans that route) --------------
+    def _moe(self, n: Node, *activations: Value) -> None:
+        self._f32_activation(n, *activations)
+        if "moe.h" not in self.headers:
+            self.headers.append("moe.h")
+
+    def _expert_scratch(self, w: Value, K: int, rows_out: int) -> None:
+        """Gathered rows [T, K], their results [T, rows_out], then the matmul's own scratch."""
+        self.need_scratch(self.max_tokens * (K + rows_out) + self.tune["GEMM_CHUNK"] * K + self._act_scratch(w, K))
+
+    def op_moe_router(self, n: Node):
+        self._moe(n)
+        x = n.inputs[0]
+        a = A(n)
+        ids, w = n.outputs
+        self.emit(ROUTER_KERNELS[a["mode"]], [ct(x.dtype), x.shape[1], a["top_k"], str(a["normalize"]).lower()],
+                  [self.ptr(x), expr(x.shape[:1]), self.out(ids), self.out(w)])
+
+    def op_moe_dispatch(self, n: Node):
+        self._moe(n)
+        ids = n.inputs[0]
+        order, offsets = n.outputs
+        self.emit("k_moe_dispatch", [A(n)["experts"], ids.shape[1]],
+                  [self.ptr(ids), expr(ids.shape[:1]), self.out(order), self.out(offsets)])
+
+    def op_expert_linear(self, n: Node):
+        x, order, offsets, w = n.inputs
+        self._moe(n, x)
+        wt, wp = self.weight(n, w)
+        E, N, K = w.shape
+        self._expert_scratch(w, K, N)
+        self.emit("k_expert_linear", [wt, E, order.shape[1], K, N],
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr"])
+
+    def op_expert_glu(self, n: Node):
+        x, order, offsets, w = n.inputs
+        self._moe(n, x)
+        wt, wp = self.weight(n, w)
+        (E, _, K), F = w.shape, w.shape[1] // 2
+        chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
+        self.need_scratch(self.max_tokens * K + 2 * max(self.max_tokens * chunk, gemv_t * F) + chunk * K
+                          + self._act_scratch(w, K))
+        act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
+        self.emit("k_expert_glu", [wt, E, order.shape[1], K, F, act],
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr"])
+
+    def op_expert_linear_sum(self, n: Node):
+        x, order, offsets, weights, w = n.inputs
+        self._moe(n, x, weights)
+        wt, wp = self.weight(n, w)
+        E, N, K = w.shape
+        self._expert_scratch(w, K, N)
+        self.emit("k_expert_linear_sum", [wt, E, order.shape[1], K, N],
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), self.ptr(weights), wp,
+                   self.out(n.out), "scr"])
+
 
 def ct(dtype: str) -> str:
     """C++ type of an IR dtype."""
@@ -634,7 +720,10 @@ def _bstrides(shape, out_shape) -> list[str]:
 
 
 def pack(a: np.ndarray) -> np.ndarray:
-    """[N, K] -> packed [N8/8, K16/16, 8, 16] (zero padded): the layout of templates/linear.h."""
+    """[N, K] -> packed [N8/8, K16/16, 8, 16] (zero padded): the layout of templates/linear.h; a stack
+    of matrices [E, N, K] (experts) matrix by matrix."""
+    if a.ndim == 3:
+        return np.stack([pack(m) for m in a])
     N, K = a.shape
     Np, Kp = -(-N // RB) * RB, -(-K // 16) * 16
     if (Np, Kp) != (N, K):
@@ -645,8 +734,8 @@ def pack(a: np.ndarray) -> np.ndarray:
 
 
 def packed_shape(shape) -> tuple:
-    N, K = shape
-    return (-(-N // RB), -(-K // 16), RB, 16)
+    *lead, N, K = shape
+    return (*lead, -(-N // RB), -(-K // 16), RB, 16)
 
 
 def choose_layouts(graphs: list[Graph]) -> dict[str, str]:
@@ -657,12 +746,13 @@ def choose_layouts(graphs: list[Graph]) -> dict[str, str]:
         for n in g.nodes:
             for i, v in enumerate(n.inputs):
                 if v.node.op == "param":
-                    ok = (PACKED_READERS.get(n.op) == i and v.type.rank == 2
+                    ok = (PACKED_READERS.get(n.op) == i and v.type.rank in (2, 3)
                           and v.dtype in ("float32", "float16", "bfloat16"))
                     readers.setdefault(v.node.name, []).append(ok)
     return {name: PACKED for name, oks in readers.items() if all(oks)}
 
 
 def lower(graph: Graph, max_tokens: int, target: str, plan: MemoryPlan | None = None,
-          layouts: dict[str, str] | None = None) -> Lowered:
-    return Lowering(graph, max_tokens, target, plan, layouts).run()
+          layouts: dict[str, str] | None = None, tune: dict | None = None) -> Lowered:
+    """tune: the tuning constants (targets.tuning); None: the target's own."""
+    return Lowering(graph, max_tokens, target, plan, layouts, tune).run()

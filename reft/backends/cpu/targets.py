@@ -122,3 +122,15 @@ def compiler_prefix(name: str) -> str:
     if not t.arch or t.arch == machine():
         return ""
     return f"{t.arch}-linux-gnu-"
+
+
+def tuning(target: str, deterministic: bool = False, max_batch_tokens: int = 512) -> dict:
+    """The target's tuning constants; `deterministic` (reftc compile --deterministic) raises
+    GEMV_MAX_T and QGEMV_MAX_T to the plan's max_batch_tokens, so every matmul of any batch runs
+    the GEMV / tile kernels, whose sum over K for a row is the same whatever the token count (the
+    BLAS sgemm path that larger batches take otherwise sums in another order)."""
+    t = dict(get(target).tuning)
+    if deterministic:
+        t["GEMV_MAX_T"] = max(t["GEMV_MAX_T"], max_batch_tokens)
+        t["QGEMV_MAX_T"] = max(t["QGEMV_MAX_T"], max_batch_tokens)
+    return t

@@ -53,6 +53,9 @@ class CudaBackend:
         if options.target is not None and options.target not in archs.ARCHS:
             raise ReftError(f"cuda backend: unknown architecture {options.target!r}; choose one of "
                             f"{', '.join(archs.ARCHS)} (--arch)")
+        if options.deterministic:
+            raise ReftError("--deterministic: the cuda backend has no batch-invariant kernels (its GEMMs choose tiles"
+                            " and splits by batch size); use the cpu backend")
         from .toolchain import include_dirs, nvrtc_version
 
         nvrtc_version()

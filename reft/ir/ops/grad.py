@@ -1,8 +1,9 @@
 """Backward ops: what the gradient rules (the `vjp` of each forward op) emit.
 
 Contracts are kept simple for kernels: activations and gradients are float32; a weight operand
-(`w`, `head`) may be any float dtype and is read as float32. `dy` is always the gradient of the
-forward op's output. Shapes use T for rows (tokens), R for selected rows.
+(`w`, `head`) may be any float dtype and is read as float32 (linear_grad_input's `w` may also be
+block-quantized: a LoRA base kept in its GGUF blocks, read dequantized). `dy` is always the
+gradient of the forward op's output. Shapes use T for rows (tokens), R for selected rows.
 
   zeros_like(x) -> like x                         zeros of x's type (x is read for its type only)
   sum_rows(x[M, ...]) -> [...]                    sum over the first axis (bias gradients,
@@ -41,7 +42,7 @@ from ..types import TensorType
 from .attention import ATTENTION_DEFAULTS, INT, _attend_probs, _causal_infer, attend_scores
 from .fused import ACTS
 from .nn import ROPE_DEFAULTS, _rope_infer, norm_scale, rope_rotate
-from .registry import CONTRACTION, ELEMENTWISE, REDUCTION, check, f32, is_float, op
+from .registry import CONTRACTION, ELEMENTWISE, REDUCTION, check, f32, is_float, is_weight, op
 
 F32 = "float32"
 
@@ -91,13 +92,14 @@ op("scatter_rows", infer=_scatter_infer, ref=_scatter_ref, arity=3,
 def _lgi_infer(ts, a):
     dy, w = ts
     _f32_act(dy, "dy", "linear_grad_input")
-    check(w.rank == 2 and is_float(w) and dy.rank >= 1 and dy.shape[-1] == w.shape[0],
+    check(w.rank == 2 and is_weight(w) and dy.rank >= 1 and dy.shape[-1] == w.shape[0],
           f"linear_grad_input: dy {dy} and weight {w} disagree on N")
     return [TensorType(dy.shape[:-1] + (w.shape[1],), F32)]
 
 
 op("linear_grad_input", infer=_lgi_infer, ref=lambda xs, a: [f32(xs[0]) @ f32(xs[1])], arity=2,
-   traits={CONTRACTION}, doc="dy @ w: the input gradient of linear (w is [out, in]).")
+   traits={CONTRACTION}, quantized_input=1,
+   doc="dy @ w: the input gradient of linear (w is [out, in]; a quantized w is read dequantized).")
 
 
 def _lgw_infer(ts, a):

@@ -18,7 +18,10 @@ Notable:
 - Resuming compiles the plan with the checkpoint's trained tensors and AdamW moments in place of
   the fresh ones, restores the step, the loader's (epoch, position) and the schedule, and so
   continues bit for bit: the only randomness of a run is the data order (a function of seed and
-  epoch) and the LoRA init (saved in the checkpoint).
+  epoch), the LoRA init (saved in the checkpoint) and LoRA dropout's masks, whose key is a function
+  of (seed, step, micro-batch) (dropout_key; the masks then depend on the module and the element
+  only: reft/ir/ops/dropout.py).
+- LoRA on a GGUF model keeps the frozen base in its quantized blocks (QLoRA; passes/add_lora.py).
 - metrics.jsonl gets one record per step ({step, loss, lr, grad_norm, tokens, tokens_per_s,
   elapsed}) and per evaluation ({step, eval_loss, eval_tokens, elapsed}); a resumed run first
   drops the records after its checkpoint's step.
@@ -44,7 +47,7 @@ from ...backends.base import BackendOptions, Executable
 from ...errors import ReftError
 from ...frontends.source import open_source
 from ...ir import GraphBuilder
-from ...passes.add_lora import A_SUFFIX, B_SUFFIX, LoraConfig, adapted_modules
+from ...passes.add_lora import A_SUFFIX, B_SUFFIX, DROPOUT_KEY, LoraConfig, adapted_modules
 from ...passes.add_optimizer import LR, NORM, STEP, AdamW, state_names
 from .checkpoint import (CheckpointDir, CheckpointError, TrainerState, fingerprint, model_identity,
                          read_trainer_state, read_weights, write_hf_model)
@@ -180,9 +183,13 @@ class Trainer:
         if not isinstance(exe, Executable):
             raise ReftError("its executable has no read_weights, so trained weights cannot be saved")
         self.entries, self.backend_name = set(plan.entry_points), name
-        sizes = {n.name: n.out.type.numel() for n in plan.graph(plan.entry_points[0]).params()}
+        params = plan.graph(plan.entry_points[0]).params()
+        sizes = {n.name: n.out.type.numel() for n in params}
+        quantized = [n.out.type for n in params if n.out.type.quantized]      # QLoRA's base
+        mib = sum(t.nbytes() for t in quantized) / 2**20
+        kept = f"; {len(quantized)} frozen matrices stay quantized ({mib:.1f} MiB)" if quantized else ""
         self.log(f"compiled the train plan ({', '.join(plan.entry_points)}) for the {name} backend;"
-                 f" {sum(sizes[n] for n in self.trainable):,} trainable parameters")
+                 f" {sum(sizes[n] for n in self.trainable):,} trainable parameters{kept}")
         return exe
 
     def close(self) -> None:
@@ -235,8 +242,13 @@ class Trainer:
         self.step += 1
         return rec
 
-    def _feeds(self, b: Batch, scale: np.float32) -> dict[str, np.ndarray]:
-        return {**b.feeds(), "loss_scale": np.asarray(scale, np.float32)}
+    def _feeds(self, b: Batch, scale: np.float32, micro: int | None = None) -> dict[str, np.ndarray]:
+        """A micro-batch's feeds; `micro` (its index in the step) for the entries that train: with
+        LoRA dropout, their masks' key."""
+        feeds = {**b.feeds(), "loss_scale": np.asarray(scale, np.float32)}
+        if micro is not None and self.lora and self.lora.dropout > 0:
+            feeds[DROPOUT_KEY] = dropout_key(self.args.seed, self.step, micro)
+        return feeds
 
     def _optimizer_step(self) -> dict:
         batches = [self.loader.next_batch() for _ in range(self.args.grad_accumulation_steps)]
@@ -244,12 +256,12 @@ class Trainer:
         lr = self.schedule.lr(self.step)
         optim = {LR: np.asarray(lr, np.float32), STEP: np.asarray(self.step + 1, np.int32)}
         if "train_step" in self.entries:
-            out = self.exe.run({**self._feeds(batches[0], scale), **optim}, "train_step")
+            out = self.exe.run({**self._feeds(batches[0], scale, 0), **optim}, "train_step")
             loss = float(out["loss"])
         else:
             loss, acc = 0.0, {}
-            for b in batches:
-                out = self.exe.run(self._feeds(b, scale), "train_grad")
+            for i, b in enumerate(batches):
+                out = self.exe.run(self._feeds(b, scale, i), "train_grad")
                 loss += float(out["loss"])
                 for k, g in out.items():
                     if k.startswith("grad."):
@@ -326,6 +338,13 @@ class _Merged(Mapping):
 
     def __len__(self):
         return len(self.names)
+
+
+def dropout_key(seed: int, step: int, micro: int) -> np.ndarray:
+    """The LoRA dropout key (int64[]) of micro-batch `micro` of optimizer step `step` (0-based):
+    numpy's SeedSequence hash of the three, so it is the same in every run and resume."""
+    state = np.random.SeedSequence([seed % 2**64, step, micro]).generate_state(1, np.uint64)
+    return state.view(np.int64).reshape(())
 
 
 def _write(f, rec: dict) -> None:

@@ -1,5 +1,6 @@
 """The trainer on the reference backend with a tiny Llama: an interrupted run resumed from its last
-checkpoint ends byte-identical to an uninterrupted one (LoRA, grad accumulation, warmup + cosine);
+checkpoint ends byte-identical to an uninterrupted one (LoRA, grad accumulation, warmup + cosine;
+with LoRA dropout also on the cpu backend);
 a LoRA adapter loads in PEFT on the transformers model with the logits of reft's merged export;
 freeze trains only the chosen layers; gradient checkpointing changes no bit; pretraining
 stories260K evaluates on the held-out blocks and lowers the loss."""
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from train_tiny import sft_files, tiny_llama
 
+from reft import backends
 from reft.runtime.train.checkpoint import read_weights
 from reft.runtime.train.options import TrainArgs
 from reft.runtime.train.trainer import Trainer
@@ -39,10 +41,14 @@ def run(a: TrainArgs):
     return Trainer(a).train()
 
 
-def test_interrupted_run_resumes_bit_for_bit(tiny, tmp_path):
+@pytest.mark.parametrize("backend, dropout", [("reference", 0.0), ("reference", 0.2), ("cpu", 0.2)])
+def test_interrupted_run_resumes_bit_for_bit(tiny, tmp_path, backend, dropout):
+    """With LoRA dropout too: each micro-batch's masks are redrawn from (seed, step, micro-batch)."""
+    if not backends.get(backend).available():
+        pytest.skip(f"the {backend} backend is not available")
     a = args(tiny, tmp_path / "ckpt", fine_tuning_type="lora", lora_targets=("q_proj", "v_proj", "down_proj"),
              grad_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=2, max_steps=8, save_every=4,
-             weight_decay=0.1)
+             weight_decay=0.1, lora_dropout=dropout, backend=backend)
     final = run(a)
     assert final.name == "checkpoint-8"
     want = {f: (final / f).read_bytes() for f in ("adapter_model.safetensors", "optimizer.safetensors")}

@@ -278,3 +278,51 @@ static void k_softmax_grad(int ith, int nth, const float* dy, const float* y, in
         VLOOP(D, vstore(o + j, vload(p + j) * (vload(d + j) - s)), o[j] = p[j] * (d[j] - s));
     }
 }
+
+// -- linear_grad_input on a block-quantized weight (QLoRA: a LoRA base kept in its GGUF blocks) ---
+// dx[M, K] = dy[M, N] . W[N, K], W in quant.h's block rows. The forward's integer dot products run
+// along a row's blocks; this product runs down W's columns, where no block-wise integer form
+// helps, so the blocks are decoded to float32 instead (qrow_f32, GEMM_CHUNK rows at a time, only
+// the thread's columns, into scratch) and the BLAS sgemm accumulates each chunk into dx. A training
+// batch has hundreds of tokens (M), so each decoded value serves M multiply-adds inside the sgemm
+// and the decode is a small share of the product, paid once per call like the forward's. Threads
+// split K at the format's decode unit (a block of 32 values, a K-quant super-block of 256) and
+// decode only their own blocks; no sums cross threads. llama.cpp's block types only (a unit is at
+// byte (k / UNIT) * row_bytes(UNIT) of its row).
+template <typename QT>
+static void k_linear_grad_input_q(int ith, int nth, const float* dy, int64_t M, int64_t N, const QT* Wq, int64_t K,
+                                  float* dx, float* scratch) {
+    constexpr int64_t UNIT = 32 * QF<QT>::SUB;
+    const uint8_t* W = (const uint8_t*)Wq;
+    const int64_t RBY = QF<QT>::row_bytes(K), at = QF<QT>::row_bytes(UNIT);
+    int64_t k0, k1;
+    split_range(K, ith, nth, UNIT, &k0, &k1);
+    const int64_t kk = k1 - k0;
+    if (kk <= 0) return;
+    if (N == 0) sgemm_ex(false, false, M, kk, 0, dy, N, scratch, kk, 0.f, dx + k0, K);
+    for (int64_t c = 0; c < N; c += GEMM_CHUNK) {
+        const int64_t n = N - c < GEMM_CHUNK ? N - c : GEMM_CHUNK;
+        for (int64_t i = 0; i < n; i++) qrow_f32<QT>(W + (c + i) * RBY + k0 / UNIT * at, kk, scratch + i * kk);
+        sgemm_ex(false, false, M, kk, n, dy + c, N, scratch, kk, c > 0 ? 1.f : 0.f, dx + k0, K);
+    }
+}
+
+// -- dropout (reft/ir/ops/dropout.py): y = x / (1 - p) where the mask keeps x, else 0 ------------------
+// An element's mask bits are the (i + 1)-th SplitMix64 output from mix64(key ^ mix64(stream)), i its
+// flat index: the same bits as the reference whatever the thread split.
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static void k_dropout(int ith, int nth, const float* x, int64_t n, const int64_t* key, uint64_t stream,
+                      uint64_t threshold, float scale, float* y) {
+    int64_t i0, i1;
+    split_range(n, ith, nth, 64, &i0, &i1);
+    const uint64_t base = mix64((uint64_t)key[0] ^ mix64(stream));
+    for (int64_t i = i0; i < i1; i++) {
+        const uint64_t r = mix64(base + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
+        y[i] = (r >> 40) >= threshold ? x[i] * scale : 0.f;
+    }
+}
