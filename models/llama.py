@@ -14,6 +14,7 @@ Notable:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -47,7 +48,7 @@ GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 GGUF_ROPE_PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,30 @@ def rope_attrs(hf: dict, head_dim: int, theta: float | None = None, scaling: dic
         a["low_freq_factor"] = float(s["low_freq_factor"])
         a["high_freq_factor"] = float(s["high_freq_factor"])
         a["original_max_position"] = int(s["original_max_position_embeddings"])
+    if kind == "yarn":
+        a.update(yarn_attrs(hf, s))
     return tuple(sorted(a.items()))
+
+
+def yarn_attrs(hf: dict, s: dict) -> dict:
+    """YaRN's rope attributes as transformers' _compute_yarn_parameters reads them: factor (or
+    max / original positions), beta_fast / beta_slow (32 / 1), truncate (True), and the cos/sin
+    scale: attention_factor if given, else 0.1 ln(factor) + 1, or with mscale and mscale_all_dim
+    the ratio of those two scales (DeepSeek)."""
+    orig = int(s.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+               or hf["max_position_embeddings"])
+    factor = float(s.get("factor") or hf["max_position_embeddings"] / orig)
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attn = s.get("attention_factor")
+    if attn is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attn = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return {"factor": factor, "original_max_position": orig, "attention_factor": float(attn),
+            "beta_fast": float(s.get("beta_fast") or 32.0), "beta_slow": float(s.get("beta_slow") or 1.0),
+            "truncate": bool(s.get("truncate", True))}
 
 
 def sliding_windows(hf: dict) -> tuple:

@@ -95,12 +95,20 @@ def quantization_record(graph: Graph, quant: str | None, group_size: int | None,
 
 
 def kv_layout(graph: Graph, page_size: int) -> dict | None:
+    """The manifest's kv_cache record: one [NP, page_size, kv_heads, head_dim] array per input, K and V
+    per layer; a latent cache (MLA: `kv_cache.{i}.latent`, one [latent; rope key] row per token, no V)
+    adds `latent` = {kv_lora_rank, rope_dim}."""
     caches = [n for n in graph.inputs() if n.name.startswith("kv_cache.")]
     if not caches:
         return None
     t = caches[0].out.type
-    return {"page_size": page_size, "num_layers": len(caches) // 2, "kv_heads": t.shape[2],
-            "head_dim": t.shape[3], "dtype": t.dtype, "inputs": [n.name for n in caches]}
+    out = {"page_size": page_size, "num_layers": len({n.name.split(".")[1] for n in caches}), "kv_heads": t.shape[2],
+           "head_dim": t.shape[3], "dtype": t.dtype, "inputs": [n.name for n in caches]}
+    readers = [u for u in graph.nodes if u.op == "paged_latent_attention"]
+    if readers:
+        C = readers[0].inputs[0].type.shape[2]
+        out["latent"] = {"kv_lora_rank": C, "rope_dim": t.shape[3] - C}
+    return out
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,33 @@ CASES = {
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         num_hidden_layers=3, head_dim=24, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
         norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False)),
+    # 8 experts of width 32 with biases, top-4 by softmax over the chosen logits (biased router); clamped
+    # SwiGLU with a limit small enough to clip and its own alpha; attention sinks (perturbed well away
+    # from their small init); biased q/k/v/o; sliding (window 8, shorter than the prompt) and full
+    # layers alternating; YaRN with a non-trivial ramp (fractional bounds: no truncation)
+    "gpt-oss-sinks-yarn": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=4,
+        sliding_window=8, swiglu_limit=1.0, swiglu_alpha=1.5, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 512},
+        tie_word_embeddings=False)),
+    # multi-head latent attention (q_lora path, latent 32, rope 16 interleaved, nope 32, v 24 != qk 48) with
+    # yarn rope whose mscale_all_dim scales the softmax (and, != mscale, cos and sin);
+    # layer 0 dense, layers 1-2: 8 experts in 4 groups, the best 2 groups kept, top-3 by sigmoid score
+    # plus a (perturbed) correction bias, normalised and scaled by 2.5, one shared expert
+    "deepseek-v3-mla": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 0.5, "original_max_position_embeddings": 64})),
 }
+
+
+# mixture-of-experts families are inference-only (their routing and expert ops have no gradient rules)
+INFERENCE_ONLY = {"MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM"}
+TRAIN_CASES = sorted(c for c, (_, model, _) in CASES.items() if model not in INFERENCE_ONLY)
 
 
 def make_model(case: str, out: Path, seed: int = 0):
@@ -77,8 +103,13 @@ def make_model(case: str, out: Path, seed: int = 0):
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # norms and biases away from their trivial init so they matter
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith("norm.weight") or name.endswith((".bias", "_bias")):
                 p.add_(torch.randn_like(p) * 0.2)
+            if name.endswith("self_attn.sinks"):      # GPT-OSS: a logit per head, to weigh like a key's
+                p.add_(torch.randn_like(p) * 1.5)
+        for name, buf in model.named_buffers():   # DeepSeek-V3's routing bias (zero at init)
+            if name.endswith("e_score_correction_bias"):
+                buf.add_(torch.randn_like(buf) * 0.2)
     model.save_pretrained(out, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(STORIES_TOKENIZER / f, out / f)

@@ -127,7 +127,7 @@ def rope_attrs(draw, head_dim: int) -> dict:
     that llama3's low/medium/high frequency bands all occur at small rotary dims."""
     a = {"theta": draw(st.sampled_from([10000.0, 500000.0, 100.0])),
          "rotary_dim": 2 * draw(st.integers(1, head_dim // 2))}
-    kind = draw(st.sampled_from(["default", "linear", "llama3", "longrope", None]))
+    kind = draw(st.sampled_from(["default", "linear", "llama3", "longrope", "yarn", None]))
     if kind == "longrope":
         half = a["rotary_dim"] // 2
         a.update(scaling="longrope", original_max_position=draw(st.sampled_from([4, 16])),
@@ -140,6 +140,11 @@ def rope_attrs(draw, head_dim: int) -> dict:
         a.update(scaling="llama3", factor=draw(st.sampled_from([8.0, 32.0])),
                  low_freq_factor=1.0, high_freq_factor=draw(st.sampled_from([2.0, 4.0])),
                  original_max_position=draw(st.sampled_from([16, 256, 2048, 8192])))
+    elif kind == "yarn":   # small original contexts put the ramp's ends inside small rotary dims
+        a.update(scaling="yarn", factor=draw(st.sampled_from([4.0, 32.0])),
+                 original_max_position=draw(st.sampled_from([64, 512, 4096])),
+                 beta_fast=draw(st.sampled_from([32.0, 8.0])), beta_slow=1.0, truncate=draw(st.booleans()),
+                 attention_factor=draw(st.sampled_from([1.0, 1.35])))
     elif kind == "default":
         a["scaling"] = "default"
     return a
@@ -313,7 +318,13 @@ def _causal_attention(draw):
     qdt, kdt = draw(float_dtypes), draw(float_dtypes)
     pos, sid = _meta(draw, sid, pos)
     xs = [rand(rng, (T, H, D), qdt), rand(rng, (T, Hkv, D), kdt), rand(rng, (T, Hkv, D), kdt), pos, sid]
-    return "causal_attention", xs, _attn_attrs(draw, D)
+    return "causal_attention", xs + sinks(draw, rng, H), _attn_attrs(draw, D)
+
+
+def sinks(draw, rng, H: int) -> list:
+    """No attention sinks, or a float32 logit per query head (GPT-OSS; plans keep them float32), from
+    negligible to dominating the keys."""
+    return [rand(rng, (H,), "float32", -4, 6)] if draw(st.booleans()) else []
 
 
 def _paged_setup(draw, rng):
@@ -347,7 +358,7 @@ def _paged_attention(draw):
     fill_cache(kc, vc, kh, vh, seqs, table)
     pos, sid = _meta(draw, sid, pos)
     q = rand(rng, (len(sid), H, D), draw(float_dtypes))
-    return "paged_attention", [q, kc, vc, pos, sid, table], _attn_attrs(draw, D)
+    return "paged_attention", [q, kc, vc, pos, sid, table, *sinks(draw, rng, H)], _attn_attrs(draw, D)
 
 
 # -- fused ops (made by the fusion passes) ---------------------------------------------
@@ -502,9 +513,9 @@ SYMBOLIC_AXES = {
     "transpose": _lead(1),
     "split": _off_axis, "concat": _off_axis,
     "take_rows": lambda xs, a: [_T, {0: "R"}],
-    "causal_attention": _lead(5),
+    "causal_attention": lambda xs, a: [_T] * 5 + [{}],
     "kv_cache_write": lambda xs, a: [_CACHE, _CACHE, _T, _T, _T, _T, _TABLE],
-    "paged_attention": lambda xs, a: [_T, _CACHE, _CACHE, _T, _T, _TABLE],
+    "paged_attention": lambda xs, a: [_T, _CACHE, _CACHE, _T, _T, _TABLE, {}],
     "add_rms_norm": lambda xs, a: [{0: "T"} if xs[0].ndim >= 2 else {}] * 2 + [{}],
     "linear_glu": lambda xs, a: [_T] + [{}] * (len(xs) - 1),
     "qkv_rope": lambda xs, a: [_T, {}] + [{}] * a["bias"] + [_T] * (1 + (a.get("scaling") == "longrope"))
@@ -721,6 +732,16 @@ from strategies_moe import MOE_OP_CASES, MOE_SYMBOLIC_AXES  # noqa: E402
 
 OP_CASES.update(MOE_OP_CASES)
 SYMBOLIC_AXES.update(MOE_SYMBOLIC_AXES)
+
+# -- multi-head latent attention ops and DeepSeek-V3's grouped router (its correction bias is a second
+#    input): their cases live in tests/strategies_mla.py
+from strategies_mla import GROUPED_ROUTER, MLA_OP_CASES, MLA_SYMBOLIC_AXES, head_linear_cases  # noqa: E402
+
+OP_CASES.update(MLA_OP_CASES)
+SYMBOLIC_AXES.update(MLA_SYMBOLIC_AXES)
+OP_CASES["moe_router"] = st.one_of(MOE_OP_CASES["moe_router"], GROUPED_ROUTER)
+SYMBOLIC_AXES["moe_router"] = lambda xs, a: [{0: "T"}] + [{}] * (len(xs) - 1)
+__all__ += ["head_linear_cases"]
 
 
 # -- multi-adapter LoRA (reft/ir/ops/lora.py): N past one 256-column block, rows of the base model (-1)

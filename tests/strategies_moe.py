@@ -40,7 +40,8 @@ def _router(draw, tokens=st.integers(1, 6)):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     T, E = draw(tokens), draw(st.integers(1, 9))
     logits = _rand(rng, (T, E), draw(st.sampled_from(FLOATS))) * 2
-    return "moe_router", [logits], {"top_k": draw(st.integers(1, min(E, 4))), "mode": "softmax_topk",
+    return "moe_router", [logits], {"top_k": draw(st.integers(1, min(E, 4))),
+                                    "mode": draw(st.sampled_from(["softmax_topk", "topk_softmax"])),
                                     "normalize": draw(st.booleans())}
 
 
@@ -62,19 +63,33 @@ def _grouped(draw, tokens):
     return rng, T, k, E, order, offsets
 
 
+def _bias(draw, rng, E: int, N: int) -> list:
+    """No bias, or a float32 row per expert (GPT-OSS; plans keep expert biases float32)."""
+    return [_rand(rng, (E, N))] if draw(st.booleans()) else []
+
+
 @st.composite
 def _expert_linear(draw, tokens=st.integers(1, 6)):
     rng, T, k, E, order, offsets = _grouped(draw, tokens)
     K, N = draw(st.integers(1, 40)), draw(st.integers(1, 20))
-    return "expert_linear", [_rand(rng, (T, K)), order, offsets, _rand(rng, (E, N, K), draw(st.sampled_from(FLOATS)))], {}
+    return "expert_linear", [_rand(rng, (T, K)), order, offsets, _rand(rng, (E, N, K), draw(st.sampled_from(FLOATS))),
+                             *_bias(draw, rng, E, N)], {}
+
+
+def _glu_act(draw) -> dict:
+    """A gated activation: SiLU / GELU(gate) * up, or GPT-OSS's clamped SwiGLU with a limit that clips."""
+    act = draw(st.sampled_from(["silu", "gelu_tanh", "swiglu_oai"]))
+    if act != "swiglu_oai":
+        return {"act": act}
+    return {"act": act, "alpha": draw(st.sampled_from([1.702, 0.5])), "limit": draw(st.sampled_from([7.0, 1.0, 0.25]))}
 
 
 @st.composite
 def _expert_glu(draw, tokens=st.integers(1, 6)):
     rng, T, k, E, order, offsets = _grouped(draw, tokens)
     K, F = draw(st.integers(1, 40)), draw(st.integers(1, 20))
-    return "expert_glu", [_rand(rng, (T, K)), order, offsets, _rand(rng, (E, 2 * F, K), draw(st.sampled_from(FLOATS)))], \
-        {"act": draw(st.sampled_from(["silu", "gelu_tanh"]))}
+    return "expert_glu", [_rand(rng, (T, K)), order, offsets, _rand(rng, (E, 2 * F, K), draw(st.sampled_from(FLOATS))),
+                          *_bias(draw, rng, E, 2 * F)], _glu_act(draw)
 
 
 @st.composite
@@ -83,11 +98,20 @@ def _expert_linear_sum(draw, tokens=st.integers(1, 6)):
     K, N = draw(st.integers(1, 40)), draw(st.integers(1, 20))
     weights = rng.uniform(0, 1, (T, k)).astype(np.float32)
     return "expert_linear_sum", [_rand(rng, (T, k, K)), order, offsets, weights,
-                                 _rand(rng, (E, N, K), draw(st.sampled_from(FLOATS)))], {}
+                                 _rand(rng, (E, N, K), draw(st.sampled_from(FLOATS))), *_bias(draw, rng, E, N)], {}
+
+
+@st.composite
+def _swiglu_oai(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape, dt = (draw(st.integers(1, 6)), draw(st.integers(1, 4)), draw(st.integers(1, 40))), draw(st.sampled_from(FLOATS))
+    a = _glu_act(draw)
+    attrs = {k: v for k, v in a.items() if k != "act"}
+    return "swiglu_oai", [_rand(rng, shape, dt) * 2, _rand(rng, shape, dt) * 2], attrs
 
 
 MOE_OP_CASES = {"moe_router": _router(), "moe_dispatch": _dispatch(), "expert_linear": _expert_linear(),
-                "expert_glu": _expert_glu(), "expert_linear_sum": _expert_linear_sum()}
+                "expert_glu": _expert_glu(), "expert_linear_sum": _expert_linear_sum(), "swiglu_oai": _swiglu_oai()}
 
 
 def moe_matmul_cases(tokens: st.SearchStrategy[int]) -> dict[str, st.SearchStrategy]:
@@ -99,7 +123,8 @@ def moe_matmul_cases(tokens: st.SearchStrategy[int]) -> dict[str, st.SearchStrat
 MOE_SYMBOLIC_AXES = {
     "moe_router": lambda xs, a: [_T],
     "moe_dispatch": lambda xs, a: [_T],
-    "expert_linear": lambda xs, a: [_T, _T, {}, {}],
-    "expert_glu": lambda xs, a: [_T, _T, {}, {}],
-    "expert_linear_sum": lambda xs, a: [_T, _T, {}, _T, {}],
+    "expert_linear": lambda xs, a: [_T, _T, {}, {}, {}],
+    "expert_glu": lambda xs, a: [_T, _T, {}, {}, {}],
+    "expert_linear_sum": lambda xs, a: [_T, _T, {}, _T, {}, {}],
+    "swiglu_oai": lambda xs, a: [_T, _T],
 }

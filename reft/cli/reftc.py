@@ -168,7 +168,11 @@ def inspect(plan, as_json):
         click.echo("tuning      " + ", ".join(f"{k}={v}" for k, v in m["backend"]["tuning"].items()))
     click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")
     click.echo(f"weights     {m['weights']['tensors']} tensors, {_human(m['weights']['bytes'])}")
-    if kv:
+    if kv.get("latent"):
+        lat = kv["latent"]
+        click.echo(f"kv cache    {kv['num_layers']} layers x one latent row of {kv['head_dim']} dims (latent"
+                   f" {lat['kv_lora_rank']} + rope key {lat['rope_dim']}), {kv['dtype']}, pages of {kv['page_size']} tokens")
+    elif kv:
         click.echo(f"kv cache    {kv['num_layers']} layers x {kv['kv_heads']} heads x {kv['head_dim']} dims,"
                    f" {kv['dtype']}, pages of {kv['page_size']} tokens")
     click.echo("entry points")

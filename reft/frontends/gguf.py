@@ -22,9 +22,14 @@ Notable:
 - Phi-3's longrope arrives as tensors (rope_factors_long/short.weight) plus the original context
   and attention factor keys; it becomes the `longrope` rope_scaling of the config.
 - Quantized tensors are dequantized to float32 when read (F32/F16/BF16 stay zero-copy views);
-  `source_types` records what the file held. Rows are reordered on the raw bytes, so the same
+  `source_types` records what the file held. Blocks with a reft IR dtype (Q8_0 ... Q6_K) can stay
+  quantized in the plan; MXFP4 (GPT-OSS's experts) is always dequantized to float32 at load. Rows are reordered on the raw bytes, so the same
   unpermute serves a plan that keeps blocks quantized.
 - A file without output.weight ties the LM head to the token embedding, as llama.cpp does.
+- A family may read metadata keys of its own (GGUF_HPARAMS: key -> config key, numbers and bools)
+  and join tensors llama.cpp's converter split (GGUF_JOINED: GGUF name -> (its parts' GGUF names,
+  join(*arrays)); used when the file has the parts instead of the whole: DeepSeek's attn_k_b /
+  attn_v_b become kv_b_proj again). Joined tensors are float32.
 """
 from __future__ import annotations
 
@@ -60,9 +65,10 @@ _HPARAMS = {"context_length": "max_position_embeddings", "embedding_length": "hi
             "final_logit_softcapping": "final_logit_softcapping",
             "rope.scaling.original_context_length": "original_max_position_embeddings",
             "expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok",
-            "expert_feed_forward_length": "moe_intermediate_size"}
+            "expert_feed_forward_length": "moe_intermediate_size",
+            "rope.scaling.yarn_beta_fast": "yarn_beta_fast", "rope.scaling.yarn_beta_slow": "yarn_beta_slow"}
 _FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "attn_logit_softcapping",
-           "final_logit_softcapping")
+           "final_logit_softcapping", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
@@ -115,6 +121,12 @@ def hf_config_from_gguf(f: GGUFFile, arch: str, family: ModuleType) -> dict:
             want = "a number" if key in _FLOATS else "an integer"
             raise ModelError(f"{f.path}: GGUF metadata {arch}.{key} must be {want}, got {v!r}")
         cfg[hf_key] = v
+    for key, hf_key in getattr(family, "GGUF_HPARAMS", {}).items():   # keys only this family reads
+        v = meta.get(f"{arch}.{key}")
+        if v is not None and not isinstance(v, (bool, int, float)):
+            raise ModelError(f"{f.path}: GGUF metadata {arch}.{key} must be a number, got {v!r}")
+        if v is not None:
+            cfg[hf_key] = v
     tokens = meta.get("tokenizer.ggml.tokens")
     embd = f.tensors.get("token_embd.weight")
     cfg["vocab_size"] = meta.get(f"{arch}.vocab_size") or (embd.shape[0] if embd else len(tokens or ()))
@@ -144,7 +156,13 @@ def hf_config_from_gguf(f: GGUFFile, arch: str, family: ModuleType) -> dict:
         cfg["rope_scaling"] = llama3_scaling_from_factors(_rope_freqs(f), float(cfg.get("rope_theta", 10000.0)), rot,
                                                           f.path)
     hook = getattr(family, "gguf_config", None)
-    return normalize_rope(hook(cfg) if hook else cfg, f.path)
+    try:
+        cfg = hook(cfg) if hook else cfg
+    except KeyError as e:
+        raise ModelError(f"{f.path}: GGUF metadata lacks what {arch} needs: {e}") from None
+    except ValueError as e:
+        raise ModelError(f"{f.path}: {e}") from None
+    return normalize_rope(cfg, f.path)
 
 
 def _factors(f: GGUFFile, name: str) -> np.ndarray:
@@ -227,11 +245,29 @@ class GGUFWeights(Mapping):
                 if f".{proj}." in f".{hname}":
                     is_k = proj.endswith("k_proj")
                     self._heads[hname] = hf["num_key_value_heads" if is_k else "num_attention_heads"]
+        self._joined: dict[str, tuple[list[str], object]] = {}   # HF name -> (GGUF names of its parts, join)
+        for gname, (parts, join) in getattr(family, "GGUF_JOINED", {}).items():
+            for i in range(n) if "{i}" in gname else [None]:
+                names = [q.format(i=i) for q in parts]
+                if gname.format(i=i) not in f.tensors and all(q in f.tensors for q in names):
+                    self._joined[family.GGUF_TENSORS[gname].format(i=i)] = (names, join)
+
+    def _part(self, gname: str) -> np.ndarray:
+        """A tensor by its GGUF name, as floats (a part of a joined tensor)."""
+        r = self.file.tensors[gname]
+        raw = self.file.raw(gname)
+        if r.type_name in _PLAIN:
+            return raw.reshape(-1).view(_PLAIN[r.type_name][1]).reshape(r.shape)
+        return dequantize(raw, r.ggml_type, r.shape)
 
     def _record(self, name: str):
         return self.file.tensors[self._names[name]]
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if name in self._joined:   # the shape of the join of zero-stride stand-ins (nothing read)
+            names, join = self._joined[name]
+            stand_ins = [np.broadcast_to(np.float32(0), self.file.tensors[q].shape) for q in names]
+            return "float32", tuple(join(*stand_ins).shape)
         r = self._record(name)
         return _PLAIN.get(r.type_name, ("float32",))[0], r.shape
 
@@ -251,10 +287,15 @@ class GGUFWeights(Mapping):
         compiler then binds it to `raw(name)` instead of the dequantized floats."""
         from ..ir.quantized import ir_dtype_of_ggml
 
+        if name in self._joined:
+            return None
         r = self._record(name)
         return ir_dtype_of_ggml(r.type_name) if len(r.shape) in (2, 3) else None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._joined:
+            names, join = self._joined[name]
+            return np.ascontiguousarray(join(*(self._part(q) for q in names)), np.float32)
         r = self._record(name)
         raw = self.raw(name)
         if r.type_name in _PLAIN:
@@ -263,20 +304,21 @@ class GGUFWeights(Mapping):
 
     def check_types(self) -> None:
         """Fail now, naming the tensor, if the model uses a type reft cannot read (not mid-write)."""
-        for g in self._names.values():
+        for g in [*self._names.values(), *(q for names, _ in self._joined.values() for q in names)]:
             self.file.raw(g)
 
     def source_types(self) -> dict[str, int]:
-        return dict(Counter(self._record(n).type_name for n in self._names))
+        parts = [self.file.tensors[q] for names, _ in self._joined.values() for q in names]
+        return dict(Counter([self._record(n).type_name for n in self._names] + [r.type_name for r in parts]))
 
     def __contains__(self, name) -> bool:
-        return name in self._names
+        return name in self._names or name in self._joined
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter([*self._names, *self._joined])
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._names) + len(self._joined)
 
 
 def open_gguf(path: str | Path, family: ModuleType | None = None) -> GGUFModel:

@@ -14,6 +14,10 @@ Notable:
   in its place (`model.layers.0.block_sparse_moe.experts.*.w1.weight` is [E, F, D] from Mixtral's
   per-expert `experts.N.w1.weight`), so a model definition asks for its experts as one weight under
   the checkpoint's own names; the members must agree in dtype and shape.
+- MXFP4 pairs: a name stored as transformers' MXFP4 blocks and scales (`<name>_blocks`,
+  `<name>_scales`: GPT-OSS's released experts, `quant_method: mxfp4`) reads as the float32 tensor
+  transformers' loader makes of them (reft/quant/mxfp4.py: dequantized [E, N, K], transposed to the
+  [E, K, N] of the float checkpoints), so a model asks for the same name whichever form it has.
 - `write_safetensors` computes the header from declarations first, then streams each tensor
   to a temporary file one at a time (never all in memory) and renames it into place. Tensors
   are laid out by itemsize, largest first (stable), so every tensor is aligned to its dtype
@@ -205,14 +209,35 @@ class WeightSource(Mapping):
             members.append(m)
         return members or None
 
+    def _mxfp4(self, name: str) -> tuple[str, str] | None:
+        """The (`<name>_blocks`, `<name>_scales`) pair a weight is stored as, or None."""
+        pair = (name + "_blocks", name + "_scales")
+        return pair if name not in self._where and all(p in self._where for p in pair) else None
+
     def __getitem__(self, name: str) -> np.ndarray:
         members = self._members(name)
         if members:
             return np.stack([self[m] for m in members])
+        pair = self._mxfp4(name)
+        if pair:
+            from ..quant.mxfp4 import dequantize_packed
+
+            try:
+                w = dequantize_packed(*(self._file_of(p).get(p) for p in pair))       # [E, N, K]
+            except ValueError as e:
+                raise ModelError(f"{name}: {e}") from None
+            return np.ascontiguousarray(np.swapaxes(w, -1, -2))
         return self._file_of(name).get(name)
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         members = self._members(name)
+        pair = None if members else self._mxfp4(name)
+        if pair:
+            (bdt, blocks), (sdt, scales) = (self._file_of(p).info(p) for p in pair)
+            if bdt != "uint8" or sdt != "uint8" or blocks[:-1] != scales or blocks[-1:] != (16,):
+                raise ModelError(f"{name}: MXFP4 blocks {bdt}{list(blocks)} and scales {sdt}{list(scales)}"
+                                 " do not pair up")
+            return "float32", (*scales[:-2], scales[-1] * 32, scales[-2])
         if not members:
             return self._file_of(name).info(name)
         infos = {self._file_of(m).info(m) for m in members}
@@ -222,7 +247,7 @@ class WeightSource(Mapping):
         return dtype, (len(members), *shape)
 
     def __contains__(self, name) -> bool:
-        return name in self._where or self._members(name) is not None
+        return name in self._where or self._members(name) is not None or self._mxfp4(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -2,7 +2,8 @@
 
 Pattern: y = linear(x, W[, b]); g, u = split(y, sizes=(F, F)); a = silu(g) | gelu_tanh(g);
 m = mul(a, u) or mul(u, a)  ->  m = linear_glu(x, W[, b], act). The experts' gate/up projection
-(`expert_linear`, after fuse_projections) becomes `expert_glu` the same way.
+(`expert_linear`, after fuse_projections) becomes `expert_glu` the same way, and so does GPT-OSS's
+two-input activation m = swiglu_oai(g, u) {alpha, limit} (experts only: act "swiglu_oai").
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
         if g.shape != u.shape:
             continue
         act = uses.only(g)
+        if act and act.op == "swiglu_oai" and lin.op == "expert_linear":
+            _fuse_gated(graph, ctx, uses, lin, split, act)
+            uses = Uses(graph)
+            continue
         if not act or act.op not in ("silu", "gelu_tanh"):
             continue
         mul = uses.only(act.out)
@@ -33,3 +38,13 @@ def fuse_glu(graph: Graph, ctx: PassContext) -> Graph:
         uses = Uses(graph)
         ctx.fused(fused, [lin, split, act, mul], f"fused_{act.op}")
     return graph
+
+
+def _fuse_gated(graph: Graph, ctx: PassContext, uses: Uses, lin, split, act) -> None:
+    """expert_linear -> split -> swiglu_oai(gate, up)  ->  expert_glu(act="swiglu_oai")."""
+    g, u = split.outputs
+    if act.inputs[0] is not g or act.inputs[1] is not u or uses.only(u) is not act:
+        return
+    fused = make("expert_glu", list(lin.inputs), act=act.op, **act.attrs)
+    replace(graph, fused, lin, [(act.out, fused.out)], [lin, split, act])
+    ctx.fused(fused, [lin, split, act], f"fused_{act.op}")

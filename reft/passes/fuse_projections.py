@@ -5,7 +5,9 @@ same dtype and all-or-none biases.  Replacement: one `linear(x, W, b)` whose wei
 row-wise concatenation of the W_i, made at compile time, followed by a `split`.
 The fused weight is named after its parts: `model.layers.0.self_attn.q_proj+k_proj+v_proj.weight`.
 Mixture-of-experts gate/up projections fuse alike: `expert_linear(x, order, offsets, W_i)` on the
-same x and dispatch, with stacked weights [E, N_i, K] joined expert by expert ([E, sum N_i, K]).
+same x and dispatch, with stacked weights [E, N_i, K] joined expert by expert ([E, sum N_i, K]),
+and their biases [E, N_i] (GPT-OSS) likewise. A mixture-of-experts router (a linear feeding
+`moe_router`) never fuses: DeepSeek-V3's shared experts read the router's input too.
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ FUSABLE = {"linear": (1, 0, "fused"), "expert_linear": (3, 1, "fused_experts")}
 
 def _groups(graph: Graph) -> list[list[Node]]:
     by_input: dict[tuple, list[Node]] = {}
+    users = graph.users()
     for n in graph.nodes:
         if n.op in FUSABLE and all(v.node.op == "param" for v in n.inputs[FUSABLE[n.op][0]:]):
+            if any(u.op == "moe_router" for u in users.get(id(n.out), [])):
+                continue   # a router stays its own float matmul (quantize_weights keeps it float)
             key = (n.op, *(id(v) for v in n.inputs[:FUSABLE[n.op][0]]))
             by_input.setdefault(key, []).append(n)
     groups = []
@@ -70,8 +75,8 @@ def fuse_projections(graph: Graph, ctx: PassContext) -> Graph:
         wi, axis, counter = FUSABLE[op]
         w = _fused_param(ctx, [n.inputs[wi] for n in group], new, axis)
         args = [*group[0].inputs[:wi], w.out]
-        for j in range(wi + 1, len(group[0].inputs)):   # biases
-            args.append(_fused_param(ctx, [n.inputs[j] for n in group], new).out)
+        for j in range(wi + 1, len(group[0].inputs)):   # biases: [N], or [E, N] per expert, joined like the rows
+            args.append(_fused_param(ctx, [n.inputs[j] for n in group], new, axis).out)
         lin = Node(op, args, {}, ops.infer_types(op, [a.type for a in args], {}))
         sizes = tuple(n.out.shape[-1] for n in group)
         split_attrs = {"axis": -1, "sizes": sizes}

@@ -2,6 +2,7 @@
 after each of these as NNN_<name>.ir."""
 from __future__ import annotations
 
+from .absorb_latent_attention import absorb_latent_attention
 from .add_lora import add_lora, add_lora_eval
 from .add_lora_slots import add_lora_slots
 from .add_optimizer import add_optimizer
@@ -11,6 +12,7 @@ from .differentiate import differentiate
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_code import eliminate_dead_code
 from .extract_hidden_states import extract_hidden_states
+from .fold_weight_views import fold_weight_views
 from .fuse_add_rms_norm import fuse_add_rms_norm
 from .fuse_glu import fuse_glu
 from .fuse_projections import fuse_projections
@@ -37,7 +39,9 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("add_lora_slots", add_lora_slots),              # --max-loras: per-row LoRA updates from runtime adapter slots
     # -- compile-time weight transforms
+    ("fold_weight_views", fold_weight_views),        # reshape / transpose of a weight -> a reordered weight
     ("fuse_projections", fuse_projections),
+    ("absorb_latent_attention", absorb_latent_attention),   # MLA: queries into the latent, no expanded K/V
     ("eliminate_dead_code", eliminate_dead_code),   # drops the weights the fusion replaced
     ("scale_activations", scale_activations),        # --calibrate: AWQ-style scales folded into RMSNorm weights
     ("quantize_weights", quantize_weights),          # --quant: projection matmuls to int8 / int4

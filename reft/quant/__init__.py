@@ -3,7 +3,8 @@
 Public API (numpy; the C++ kernels consume the same raw bytes):
   FORMATS                          name -> BlockFormat (name, ggml_type, block_values, block_bytes)
   get_format(name | ggml_type_id)  the BlockFormat, or a ModelError naming an unsupported type
-  dequantize(raw, qtype, shape)    raw uint8 bytes of a tensor -> float32 array of `shape`
+  dequantize(raw, qtype, shape)    raw uint8 bytes of a tensor -> float32 array of `shape` (every
+                                   format, MXFP4 included: GPT-OSS's experts, read only)
   quantize(x, qtype)               float array -> its raw uint8 bytes (types with a reference
                                    quantizer: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
   quantize_int8(w) / quantize_int4(w, group_size)
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelError
-from . import floats, kquants, legacy  # noqa: F401  (register the formats)
+from . import floats, kquants, legacy, mxfp4  # noqa: F401  (register the formats)
 from .formats import FORMATS, BlockFormat, get_format, type_name
 from .reft_formats import Int4Weights, Int8Weights, quantize_int4, quantize_int8
 

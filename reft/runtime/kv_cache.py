@@ -1,7 +1,9 @@
 """KV-cache pages: a fixed pool of pages per layer, owned by the runtime, shared by prefix.
 
 The pool is a set of arrays `kv_cache.{layer}.{k|v}` of shape [num_pages, page_size, Hkv, D]
-(the graph's cache inputs). Sequences own lists of page ids (their page table).
+(the graph's cache inputs, named by the manifest's kv_cache record); a latent cache (multi-head
+latent attention) is one array `kv_cache.{layer}.latent` per layer, [num_pages, page_size, 1, C + R].
+Sequences own lists of page ids (their page table).
 
 Notable:
 - Pages are reference-counted so sequences that share a prompt prefix share its *full* pages.

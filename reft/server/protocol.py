@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and the OpenAI error body.
 
 Unknown fields are ignored, as OpenAI clients and agent frameworks send many; the fields below
-are the ones reft honours. Beyond OpenAI's own: top_k, min_p, repetition_penalty,
-stop_token_ids and ignore_eos (vLLM's names and meanings); structured output through
+are the ones reft honours, and those in UNSUPPORTED (behaviour reft lacks: suffix, best_of, beam
+search, audio, ...) are a 400 naming the field when a request uses them, never silently ignored. Beyond OpenAI's own: top_k, min_p, repetition_penalty,
+stop_token_ids, ignore_eos and skip_special_tokens (vLLM's names and meanings), logit_bias; structured output through
 response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and
 structured_outputs, and llama-server's grammar and json_schema (structured.py reads them);
 tools, tool_choice and parallel_tool_calls on chat (tools.py). Embeddings (embeddings.py):

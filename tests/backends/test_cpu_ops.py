@@ -31,8 +31,8 @@ def as_f32(op, xs):
         xs[2] = xs[2].astype(np.float32)
     if op in ("linear_glu", "qkv_rope") and len(xs) > 2:   # biases, norm weights (bf16: kind "V") are f32 in plans
         xs = [x.astype(np.float32) if i >= 2 and x.dtype.kind not in "iu" else x for i, x in enumerate(xs)]
-    if op == "causal_attention":   # q, k, v of one dtype; pos, sid of one dtype
-        xs = [x.astype(xs[0].dtype) for x in xs[:3]] + [x.astype(xs[3].dtype) for x in xs[3:]]
+    if op == "causal_attention":   # q, k, v of one dtype; pos, sid of one dtype; sinks float32
+        xs = [x.astype(xs[0].dtype) for x in xs[:3]] + [x.astype(xs[3].dtype) for x in xs[3:5]] + xs[5:]
     if op in ("kv_cache_write", "paged_attention"):
         ix = [i for i, x in enumerate(xs) if x.dtype.kind == "i"]
         xs = [x.astype(xs[ix[0]].dtype) if i in ix[:2] else x for i, x in enumerate(xs)]  # pos/sid share a dtype

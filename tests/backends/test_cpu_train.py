@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_tiny import CASES
+from hf_tiny import TRAIN_CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import matmul_cases
@@ -38,7 +38,7 @@ THREADS = 2
 MAX_TOKENS = 96
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=TRAIN_CASES)
 def case(request, tmp_path_factory):
     """(name, train graph, its weights, the compiled cpu executable)."""
     _, graph, weights = train_model(request.param, tmp_path_factory)

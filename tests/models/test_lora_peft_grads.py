@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 import pytest
-from hf_tiny import CASES, make_model
+from hf_tiny import TRAIN_CASES, make_model
 from test_train_grads import batch, pretrain_batch, sft_batch, weighted_loss
 
 from reft import backends
@@ -38,7 +38,7 @@ FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",   # p
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 PEFT_PREFIX = "base_model.model."
 CPU_CASES = ("llama-gqa-llama3", "mistral-window", "qwen2-bias", "qwen3-qknorm")   # a C++ compile each
-RUNS = [(case, which, backend) for case in sorted(CASES) for which in sorted(TARGETS)
+RUNS = [(case, which, backend) for case in TRAIN_CASES for which in sorted(TARGETS)
         for backend in ("reference", "cpu") if backend == "reference" or case in CPU_CASES]
 
 

@@ -10,7 +10,7 @@ import copy
 
 import numpy as np
 import pytest
-from hf_tiny import CASES, make_model
+from hf_tiny import TRAIN_CASES, make_model
 
 from reft.frontends.architectures import find_family
 from reft.frontends.config import load_hf_config
@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 IGNORE = -100
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=TRAIN_CASES)
 def case(request, tmp_path_factory):
     hf, graph, weights = train_model(request.param, tmp_path_factory)
     return request.param, hf, ReferenceExecutor(graph, weights)

@@ -103,9 +103,13 @@ graph forward {
 
 
 def test_quantize_weights_takes_the_experts_and_keeps_the_router():
+    """With 32-wide experts: int8 rows are whole 32-value blocks."""
     rng = np.random.default_rng(2)
-    store = WeightStore(weights(rng))
-    before = parse_graph(BEFORE)
+    store = WeightStore({"l.gate.weight": rng.standard_normal((4, 32)).astype(np.float32),
+                         **{f"l.experts.*.{w}.weight": rng.standard_normal((4, 32, 32)).astype(np.float32)
+                            for w in ("w1", "w3", "w2")}})
+    before = parse_graph(BEFORE.replace("[4,8,32]", "[4,32,32]").replace("[4,32,8]", "[4,32,32]")
+                         .replace("[T,2,8]", "[T,2,32]"))
     x = rng.standard_normal((6, 32)).astype(np.float32)
     want = run(before, store, x)
     ctx = PassContext(store, options={"quant": "int8"})
@@ -115,6 +119,6 @@ def test_quantize_weights_takes_the_experts_and_keeps_the_router():
     assert dtypes == {"l.gate.weight": "float32", "l.experts.*.w1.weight": "int8", "l.experts.*.w3.weight": "int8",
                       "l.experts.*.w2.weight": "int8"}
     assert ctx.counters["quantize_weights"] == {"kept_router": 1, "to_int8": 3}
-    assert store["l.experts.*.w2.weight"].shape == (4, 32, 8 + 4)              # uint8[E, N, scale + K codes]
+    assert store["l.experts.*.w2.weight"].shape == (4, 32, 32 + 4)             # uint8[E, N, scale + K codes]
     got = run(g, store, x)
     assert np.linalg.norm(got - want) < 0.02 * np.linalg.norm(want)

@@ -23,8 +23,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 HEADERS = ["common.h", "simd.h", "linear.h", "quant.h", "qkv_rope.h", "attention.h", "rows.h", "elementwise.h",
            "optim.h"]
 # headers included only where an entry's graph uses them (Lowered.headers): the training ops, and
-# the mixture-of-experts kernels, the LoRA adapter slots
-OPTIONAL_HEADERS = ["grad.h", "attention_grad.h", "loss.h", "moe.h", "lora.h"]
+# the mixture-of-experts kernels (and DeepSeek's grouped router), the LoRA adapter slots, latent attention
+OPTIONAL_HEADERS = ["grad.h", "attention_grad.h", "loss.h", "moe.h", "lora.h", "router_grouped.h", "mla.h"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-Werror=vla"]
 
 

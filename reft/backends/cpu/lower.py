@@ -8,10 +8,11 @@ the memory plan (views and KV-cache writes alias their source buffer).
 Weight layout (choose_layouts, over every entry graph of a plan): a float matrix is packed when
 every reader understands the packed layout; one that a backward op or the optimizer also reads
 stays row-major and the matmul kernels see it as `rowmajor<T>` (linear.h); stacked expert weights
-[E, N, K] pack expert by expert. Backward and loss ops (training) and the mixture-of-experts ops (moe.h)
-add their headers to the source (Lowered.headers); the backward ops' cross-thread reductions use
-thread 0's scratch as a shared buffer between two calls, and the cross-entropy tiles are
-CE_ROWS x CE_VOCAB.
+[E, N, K] pack expert by expert; latent attention's per-head matrices (head_linear) stay row-major.
+Backward and loss ops (training), the mixture-of-experts ops (moe.h, router_grouped.h) and latent
+attention (mla.h) add their headers to the source (Lowered.headers); the backward ops' cross-thread
+reductions use thread 0's scratch as a shared buffer between two calls, and the cross-entropy tiles
+are CE_ROWS x CE_VOCAB.
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ PACKED = "rows8x16"
 NORM_BLOCK = 8192       # values per block of the gradient-norm sum (templates/optim.h)
 RMS_GRAD_BLOCK = 32     # rows per block of rms_norm_grad's dw shares (templates/grad.h)
 CE_ROWS, CE_VOCAB = 128, 1024   # token rows x vocabulary rows of one cross-entropy logits tile (templates/loss.h)
-ROUTER_KERNELS = {"softmax_topk": "k_router_softmax_topk"}   # moe_router mode -> its kernel (templates/moe.h)
+ROUTER_KERNELS = {"softmax_topk": "k_router_softmax_topk",   # moe_router mode -> its kernel (templates/moe.h)
+                  "topk_softmax": "k_router_topk_softmax",
+                  "sigmoid_group_topk": "k_router_sigmoid_group_topk"}   # templates/router_grouped.h
+EXPERT_ACTS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}     # expert_glu act -> the kernels' ACT
 ROPE_KEYS = ("theta", "rotary_dim", *ROPE_DEFAULTS)
 
 
@@ -146,11 +150,14 @@ class Lowering:
     def need_scratch(self, floats: int) -> None:
         self.scratch = max(self.scratch, int(floats) + 64)
 
-    def rope_tables(self, a: dict, ext: Value | None) -> tuple[str, list]:
+    def rope_tables(self, a: dict, pos: Value, ext: Value | None) -> tuple[str, list]:
         """The rope's frequency table and, for longrope, the trailing LongRope<IT> argument (the long
-        factors' table, each token's seq_extent, the original context, the cos/sin scale)."""
+        factors' table, each token's seq_extent, the original context, the cos/sin scale); for YaRN
+        only its cos/sin scale (when not 1)."""
         ra = {k: a[k] for k in ROPE_KEYS}
         inv = self.const_array(rope_inv_freq(ra), "inv_freq")
+        if a["scaling"] == "yarn" and a["attention_factor"] != 1.0:
+            return inv, [f"LongRope<{ct(pos.dtype)}>{{nullptr, nullptr, 0, {_f(a['attention_factor'])}}}"]
         if a["scaling"] != "longrope":
             return inv, []
         inv_long = self.const_array(rope_inv_freq(ra, long=True), "inv_freq")
@@ -256,7 +263,7 @@ class Lowering:
         chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
         self.need_scratch(self.max_tokens * rot + max(self.max_tokens * max(chunk, D), gemv_t * (H + 2 * Hkv) * D)
                           + max(chunk, D) * K + self._act_scratch(w, K))
-        inv, longrope = self.rope_tables(a, ext)
+        inv, longrope = self.rope_tables(a, pos, ext)
         q, k, v = (self.out(o) for o in n.outputs)
         norm_off = a["offset"] if a["qk_norm"] else 0.0
         extra = [_f(norm_off), *longrope] if norm_off or longrope else []     # else the kernel's defaults
@@ -293,7 +300,7 @@ class Lowering:
     def op_rope(self, n: Node):
         x, pos = n.inputs[:2]
         a = A(n)
-        inv, longrope = self.rope_tables(a, self._rope_ext(n))
+        inv, longrope = self.rope_tables(a, pos, self._rope_ext(n))
         self.emit("k_rope", [ct(x.dtype), ct(pos.dtype), x.shape[1], x.shape[2], a["rotary_dim"]],
                   [self.ptr(x), self.ptr(pos), expr(x.shape[:1]), inv, self.out(n.out), *longrope])
 
@@ -318,8 +325,16 @@ class Lowering:
                   [self.out(n.outputs[0]), self.out(n.outputs[1]), self.ptr(k), self.ptr(v), self.ptr(pos),
                    self.ptr(sid), self.ptr(table), expr(k.shape[:1]), table.shape[1]])
 
+    def _sinks(self, n: Node, at: int, cap: list) -> list:
+        """The attention kernels' trailing arguments: the soft-cap value (when capping, or when sinks
+        follow it), then the sinks (input `at`, float32[H]) if the node has them."""
+        if len(n.inputs) <= at:
+            return cap[1:]
+        self._f32_activation(n, n.inputs[at])
+        return [cap[1] if cap else _f(0.0), self.ptr(n.inputs[at])]
+
     def op_paged_attention(self, n: Node):
-        q, kc, vc, pos, sid, table = n.inputs
+        q, kc, vc, pos, sid, table = n.inputs[:6]
         self._f32_activation(n, q)
         if pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: positions and seq_ids must share a dtype")
@@ -328,16 +343,19 @@ class Lowering:
         self.emit("k_paged_attention", [ct(kc.dtype), ct(pos.dtype), ct(table.dtype), PS, q.shape[1], Hkv, D] + cap[:1],
                   [self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(pos), self.ptr(sid), self.ptr(table),
                    expr(q.shape[:1]), table.shape[1], f"{float(A(n)['scale']).hex()}f",
-                   A(n)["sliding_window"], self.out(n.out), *cap[1:]])
+                   A(n)["sliding_window"], self.out(n.out), *self._sinks(n, 6, cap)])
 
     def op_causal_attention(self, n: Node):
-        q, k, v, pos, sid = n.inputs
+        q, k, v, pos, sid = n.inputs[:5]
         if not (q.dtype == k.dtype == v.dtype) or pos.dtype != sid.dtype:
             raise Unsupported("cpu backend: causal_attention needs q/k/v of one dtype and index inputs of one dtype")
+        if v.shape != k.shape:
+            raise Unsupported("cpu backend: causal_attention needs values as wide as the keys")
         cap = _softcap(n)
         self.emit("k_causal_attention", [ct(q.dtype), ct(pos.dtype), q.shape[1], k.shape[1], q.shape[2]] + cap[:1],
                   [self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(pos), self.ptr(sid), expr(q.shape[:1]),
-                   f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out), *cap[1:]])
+                   f"{float(A(n)['scale']).hex()}f", A(n)["sliding_window"], self.out(n.out),
+                   *self._sinks(n, 5, cap)])
 
     def op_grad_norm_sq(self, n: Node):
         """Two calls (templates/optim.h): per-block sums into thread 0's scratch, then their fold."""
@@ -439,7 +457,7 @@ class Lowering:
         self._train(n)
         dy, pos = n.inputs[:2]
         a = A(n)
-        inv, longrope = self.rope_tables(a, self._rope_ext(n))
+        inv, longrope = self.rope_tables(a, pos, self._rope_ext(n))
         self.emit("k_rope_grad", [ct(pos.dtype), dy.shape[1], dy.shape[2], a["rotary_dim"]],
                   [self.ptr(dy), self.ptr(pos), expr(dy.shape[:1]), inv, self.out(n.out), *longrope])
 
@@ -619,8 +637,14 @@ class Lowering:
         x = n.inputs[0]
         a = A(n)
         ids, w = n.outputs
-        self.emit(ROUTER_KERNELS[a["mode"]], [ct(x.dtype), x.shape[1], a["top_k"], str(a["normalize"]).lower()],
-                  [self.ptr(x), expr(x.shape[:1]), self.out(ids), self.out(w)])
+        targs = [ct(x.dtype), x.shape[1], a["top_k"], str(a["normalize"]).lower()]
+        args = [self.ptr(x), expr(x.shape[:1]), self.out(ids), self.out(w)]
+        if len(n.inputs) == 2:   # grouped routing with a correction bias: groups, kept groups; bias, scale
+            self._f32_activation(n, n.inputs[1])
+            self._header("router_grouped.h")
+            targs += [a["groups"], a["topk_groups"]]
+            args += [self.ptr(n.inputs[1]), _f(a["scale"])]
+        self.emit(ROUTER_KERNELS[a["mode"]], targs, args)
 
     def op_moe_dispatch(self, n: Node):
         self._moe(n)
@@ -629,36 +653,101 @@ class Lowering:
         self.emit("k_moe_dispatch", [A(n)["experts"], ids.shape[1]],
                   [self.ptr(ids), expr(ids.shape[:1]), self.out(order), self.out(offsets)])
 
+    def _expert_bias(self, n: Node, at: int) -> list:
+        """The trailing bias argument of an expert kernel (float32 [E, N] rows), if the node has one."""
+        if len(n.inputs) <= at:
+            return []
+        self._f32_activation(n, n.inputs[at])
+        return [self.ptr(n.inputs[at])]
+
     def op_expert_linear(self, n: Node):
-        x, order, offsets, w = n.inputs
+        x, order, offsets, w = n.inputs[:4]
         self._moe(n, x)
         wt, wp = self.weight(n, w)
         E, N, K = w.shape
         self._expert_scratch(w, K, N)
         self.emit("k_expert_linear", [wt, E, order.shape[1], K, N],
-                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr"])
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr",
+                   *self._expert_bias(n, 4)])
 
     def op_expert_glu(self, n: Node):
-        x, order, offsets, w = n.inputs
+        x, order, offsets, w = n.inputs[:4]
         self._moe(n, x)
         wt, wp = self.weight(n, w)
         (E, _, K), F = w.shape, w.shape[1] // 2
         chunk, gemv_t = self.tune["GEMM_CHUNK"], self.tune["GEMV_MAX_T"]
         self.need_scratch(self.max_tokens * K + 2 * max(self.max_tokens * chunk, gemv_t * F) + chunk * K
                           + self._act_scratch(w, K))
-        act = {"silu": 0, "gelu_tanh": 1}[A(n)["act"]]
-        self.emit("k_expert_glu", [wt, E, order.shape[1], K, F, act],
-                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr"])
+        a = A(n)
+        extra = self._expert_bias(n, 4)
+        if a["act"] == "swiglu_oai":
+            extra = [*(extra or ["(const float*)0"]), _f(a["alpha"]), _f(a["limit"])]
+        self.emit("k_expert_glu", [wt, E, order.shape[1], K, F, EXPERT_ACTS[a["act"]]],
+                  [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), wp, self.out(n.out), "scr",
+                   *extra])
 
     def op_expert_linear_sum(self, n: Node):
-        x, order, offsets, weights, w = n.inputs
+        x, order, offsets, weights, w = n.inputs[:5]
         self._moe(n, x, weights)
         wt, wp = self.weight(n, w)
         E, N, K = w.shape
         self._expert_scratch(w, K, N)
         self.emit("k_expert_linear_sum", [wt, E, order.shape[1], K, N],
                   [self.ptr(x), expr(x.shape[:1]), self.ptr(order), self.ptr(offsets), self.ptr(weights), wp,
-                   self.out(n.out), "scr"])
+                   self.out(n.out), "scr", *self._expert_bias(n, 5)])
+
+    def op_swiglu_oai(self, n: Node):
+        g, u = n.inputs
+        self._moe(n)
+        if g.dtype != u.dtype:
+            raise Unsupported("cpu backend: swiglu_oai needs gate and up of one dtype")
+        a = A(n)
+        self.emit("k_swiglu_oai", [ct(g.dtype), ct(n.out.dtype)],
+                  [self.ptr(g), self.ptr(u), self.out(n.out), expr(g.shape), _f(a["alpha"]), _f(a["limit"])])
+
+    # -- multi-head latent attention (templates/mla.h, included only by plans with latent attention) --
+    def _header(self, name: str) -> None:
+        if name not in self.headers:
+            self.headers.append(name)
+
+    def _mla(self, n: Node, pos: Value, sid: Value, *activations: Value) -> None:
+        self._f32_activation(n, *activations)
+        self._header("mla.h")
+        if pos.dtype != sid.dtype:
+            raise Unsupported(f"cpu backend: {n.op} needs positions and seq_ids of one dtype")
+
+    def op_head_linear(self, n: Node):
+        x, w = n.inputs
+        self._f32_activation(n, x)
+        self._header("mla.h")
+        wt, wp = self.weight(n, w)
+        H, N, K = w.shape
+        self.need_scratch(self.max_tokens * K + self.tune["GEMM_CHUNK"] * K)
+        self.emit("k_head_linear", [wt, H, K, N], [self.ptr(x), expr(x.shape[:1]), wp, self.out(n.out), "scr"])
+
+    def op_latent_attention(self, n: Node):
+        ql, qr, lat, kr, pos, sid = n.inputs
+        self._mla(n, pos, sid, ql, qr, lat, kr)
+        H, C, R = ql.shape[1], ql.shape[2], qr.shape[2]
+        self.emit("k_latent_attention", [ct(pos.dtype), H, C, R],
+                  [self.ptr(ql), self.ptr(qr), self.ptr(lat), self.ptr(kr), self.ptr(pos), self.ptr(sid),
+                   expr(ql.shape[:1]), _f(A(n)["scale"]), self.out(n.out)])
+
+    def op_latent_cache_write(self, n: Node):
+        cache, lat, kr, pos, sid, table = n.inputs
+        self._mla(n, pos, sid, lat, kr)
+        self.emit("k_latent_cache_write", [ct(cache.dtype), ct(pos.dtype), ct(table.dtype), cache.shape[1],
+                                           lat.shape[1], kr.shape[1]],
+                  [self.out(n.out), self.ptr(lat), self.ptr(kr), self.ptr(pos), self.ptr(sid), self.ptr(table),
+                   expr(lat.shape[:1]), table.shape[1]])
+
+    def op_paged_latent_attention(self, n: Node):
+        ql, qr, cache, pos, sid, table = n.inputs
+        self._mla(n, pos, sid, ql, qr)
+        H, C, R = ql.shape[1], ql.shape[2], qr.shape[2]
+        self.emit("k_paged_latent_attention", [ct(cache.dtype), ct(pos.dtype), ct(table.dtype), cache.shape[1], H, C, R],
+                  [self.ptr(ql), self.ptr(qr), self.ptr(cache), self.ptr(pos), self.ptr(sid), self.ptr(table),
+                   expr(ql.shape[:1]), table.shape[1], _f(A(n)["scale"]), self.out(n.out)])
 
 
 def ct(dtype: str) -> str:

@@ -249,6 +249,8 @@ class Lowering:
         from .elementwise import qkv_post_kernel
 
         a = A(n)
+        if a["scaling"] == "yarn":
+            raise Unsupported("cuda backend: yarn rope scaling is not supported")
         x, w = n.inputs[:2]
         i = 2
         bias = None
@@ -317,6 +319,8 @@ class Lowering:
     def op_paged_attention(self, n: Node):
         from .attention import decode_kernels, prefill_kernel
 
+        if len(n.inputs) > 6:
+            raise Unsupported("cuda backend: attention sinks are not supported")
         q, kc, vc, pos, sid, pt = n.inputs
         self._kv(kc)
         if self.stored(n.out) != self.dtype:

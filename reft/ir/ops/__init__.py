@@ -1,5 +1,5 @@
 """All ops, registered once each (importing this package fills REGISTRY)."""
-from . import attention, core, dropout, fused, grad, lora, loss, moe, nn, optim, shape  # noqa: F401  (registration side effects)
+from . import attention, core, dropout, fused, grad, lora, loss, mla, moe, nn, optim, shape  # noqa: F401  (registration side effects)
 from .registry import (CONTRACTION, ELEMENTWISE, REDUCTION, REGISTRY, SIDE_EFFECT, SOURCE, VIEW,
                        OpDef, get, infer_types, ops_with)
 

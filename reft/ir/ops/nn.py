@@ -129,9 +129,30 @@ op("softmax", infer=lambda ts, a: (check(is_float(ts[0]), "softmax: float input 
 
 
 # -- rope(x[T, H, D], positions[T][, extent[T]]) rotary embedding, "rotate half" layout (Hugging Face)
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 ROPE_DEFAULTS = {"scaling": "default", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position": 8192, "short_factor": (), "long_factor": (), "attention_factor": 1.0}
+                 "original_max_position": 8192, "short_factor": (), "long_factor": (), "attention_factor": 1.0,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+SCALED_COS_SIN = ("longrope", "yarn")     # scalings whose cos and sin are multiplied by attention_factor
+
+
+def yarn_ramp(a: dict) -> np.ndarray:
+    """YaRN's blend per frequency, float32[rotary_dim // 2]: 0 keeps the original frequency
+    (extrapolation, fast dims), 1 takes it divided by `factor` (interpolation, slow dims), linear
+    between the dims where `beta_fast` and `beta_slow` rotations fit in the original context
+    (floored / ceiled when `truncate`), as transformers' _compute_yarn_parameters."""
+    dim, base, old = a["rotary_dim"], a["theta"], a["original_max_position"]
+
+    def dim_of(rotations):
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(a["beta_fast"]), dim_of(a["beta_slow"])
+    if a["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # as transformers: no division by zero
+    return np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
 
 
 def rope_inv_freq(a: dict, long: bool = False) -> np.ndarray:
@@ -143,6 +164,10 @@ def rope_inv_freq(a: dict, long: bool = False) -> np.ndarray:
     if kind == "longrope":    # transformers: 1 / (ext_factors * base ** (i / dim)), float32
         ext = np.asarray(a["long_factor"] if long else a["short_factor"], np.float32)
         return (1.0 / (ext * base)).astype(np.float32)
+    if kind == "yarn":        # float32 throughout, in transformers' order of operations
+        extrapolate = np.float32(1) - yarn_ramp(a)
+        inv_inter = np.float32(1) / (np.float32(a["factor"]) * base)
+        return (inv_inter * (np.float32(1) - extrapolate) + (np.float32(1) / base) * extrapolate).astype(np.float32)
     inv = 1.0 / base
     if kind == "linear":
         inv = inv / a["factor"]
@@ -169,6 +194,10 @@ def _rope_infer(ts, a):
     longrope = a["scaling"] == "longrope"
     check(len(ts) == 2 + longrope, f"rope: {'longrope takes' if longrope else 'takes'} {2 + longrope} inputs"
           f" (x, positions{', extent' if longrope else ''}), got {len(ts)}")
+    if a["scaling"] == "yarn":
+        check(a["factor"] > 0 and a["original_max_position"] > 0 and a["beta_fast"] > 0 and a["beta_slow"] > 0,
+              f"rope: yarn needs a positive factor, original context and betas, got {a['factor']!r}, "
+              f"{a['original_max_position']!r}, {a['beta_fast']!r}, {a['beta_slow']!r}")
     if longrope:
         check(ts[2] == pos, f"rope: extent must be {pos} like positions, got {ts[2]}")
         half = a["rotary_dim"] // 2
@@ -181,8 +210,8 @@ def _rope_infer(ts, a):
 def rope_rotate(x, pos, a: dict, sign: float = 1.0, extent=None) -> np.ndarray:
     """Rotate each pair (j, j + r/2) of the first r = rotary_dim dims by sign * angle (x: (T, H, D));
     sign -1 is the inverse rotation (rope_grad). longrope: a token whose sequence reaches past
-    original_max_position in this batch (extent[t] > it) takes the long factors, and cos/sin are
-    scaled by attention_factor, as transformers computes them."""
+    original_max_position in this batch (extent[t] > it) takes the long factors; longrope and yarn
+    scale cos/sin by attention_factor, as transformers computes them."""
     x = f32(x)
     r = a["rotary_dim"]
     inv = rope_inv_freq(a)[None, :]                                            # (1, r/2)
@@ -191,7 +220,7 @@ def rope_rotate(x, pos, a: dict, sign: float = 1.0, extent=None) -> np.ndarray:
     freqs = pos.astype(np.float32)[:, None] * inv                              # (T, r/2)
     emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, r)
     cos, sin = np.cos(emb)[:, None, :], np.float32(sign) * np.sin(emb)[:, None, :]   # (T, 1, r)
-    if a["scaling"] == "longrope":
+    if a["scaling"] in SCALED_COS_SIN:
         m = np.float32(a["attention_factor"])
         cos, sin = cos * m, sin * m
     xr = x[..., :r]
@@ -214,7 +243,8 @@ def _rope_vjp(b, node, cts, wants):
 op("rope", infer=_rope_infer, ref=_rope_ref, vjp=_rope_vjp, arity=(2, 3),
    attrs=("theta", "rotary_dim"), defaults=ROPE_DEFAULTS,
    doc="Rotary position embedding on the first rotary_dim dims of each head (rotate-half layout); "
-       "longrope (Phi-3) takes each token's seq_extent as a third input.")
+       "longrope (Phi-3) takes each token's seq_extent as a third input; yarn (GPT-OSS) blends scaled and "
+       "original frequencies.")
 
 
 # -- seq_extent(positions[T], seq_ids[T]) -> [T]

@@ -3,6 +3,8 @@
 // through page_table[s]; the H / HKV query heads sharing a KV head are processed together so
 // each cached K/V row is loaded once for the whole group. SOFTCAP (a template flag, so kernels
 // without it compile as before): scores become softcap * tanh(s / softcap) before the softmax.
+// sinks (GPT-OSS; null: none): a logit per query head that joins the softmax's denominator, folded
+// in after the keys by sink_scale.
 
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t HKV, int64_t D>
 static void k_kv_cache_write(int ith, int nth, CT* kc, CT* vc, const float* k, const float* v, const IT* pos,
@@ -39,10 +41,18 @@ static inline void axpy(float* y, float a, const XT* x, int64_t n) {
     for (; i < n; i++) y[i] += a * ld(x[i]);
 }
 
+// what the output (acc / l) is multiplied by once a sink logit joins the denominator: the running
+// max m becomes max(m, sink), so acc and l rescale by e^(m - m'), and l gains e^(sink - m')
+static inline float sink_scale(float m, float l, const float* sinks, int64_t h) {
+    if (!sinks) return 1.0f / l;
+    const float mn = fmaxf(m, sinks[h]), c = expf(m - mn);
+    return c / (l * c + expf(sinks[h] - mn));
+}
+
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, const CT* vc, const IT* pos,
                               const IT* sid, const PT* table, int64_t T, int64_t MP, float scale, int64_t window,
-                              float* out, float softcap = 0.f) {
+                              float* out, float softcap = 0.f, const float* sinks = nullptr) {
     constexpr int64_t G = H / HKV, PSV = (PS + VW - 1) / VW * VW;   // query heads per KV head; page in vectors
     int64_t w0, w1;
     split_range(T * HKV, ith, nth, 1, &w0, &w1);
@@ -86,7 +96,7 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
             }
         }
         for (int64_t g = 0; g < G; g++) {
-            const float inv = 1.0f / l[g];
+            const float inv = sink_scale(m[g], l[g], sinks, kvh * G + g);
             float* o = out + (t * H + kvh * G + g) * D;
             for (int64_t i = 0; i < D; i++) o[i] = acc[g][i] * inv;
         }
@@ -96,7 +106,8 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
 // causal attention among the rows of the batch (no cache)
 template <typename XT, typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const XT* v, const IT* pos,
-                               const IT* sid, int64_t T, float scale, int64_t window, XT* out, float softcap = 0.f) {
+                               const IT* sid, int64_t T, float scale, int64_t window, XT* out, float softcap = 0.f,
+                               const float* sinks = nullptr) {
     const int64_t G = H / HKV;
     int64_t w0, w1;
     split_range(T * H, ith, nth, 1, &w0, &w1);
@@ -119,6 +130,11 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
             l += e;
             rescale_axpy<XT>(acc, corr, e, v + (u * HKV + kvh) * D, D);
         }
-        for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] / l);
+        if (sinks) {
+            const float inv = sink_scale(m, l, sinks, h);
+            for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] * inv);
+        } else {
+            for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] / l);
+        }
     }
 }

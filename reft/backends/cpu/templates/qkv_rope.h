@@ -15,9 +15,10 @@ static void rope_table(const IT* pos, int64_t T, const float* inv_freq, int64_t 
     }
 }
 
-// longrope (Phi-3): a row whose sequence reaches past `orig` positions in this batch (ext[t] > orig:
-// ext is the seq_extent op's output) rotates with the long factors' frequencies, the others with
-// the short ones; cos and sin are scaled by mscale. inv_long null: not longrope.
+// Scaled rotary beyond a frequency table (default, all zero: none). longrope (Phi-3): a row whose
+// sequence reaches past `orig` positions in this batch (ext[t] > orig: ext is the seq_extent op's
+// output) rotates with the long factors' frequencies, the others with the short ones; cos and sin
+// are scaled by mscale. YaRN (GPT-OSS): only the scale (inv_long and ext null).
 template <typename IT>
 struct LongRope {
     const float* inv_long;
@@ -26,13 +27,14 @@ struct LongRope {
     float mscale;
 };
 
-// rope_table for rows 0..T-1 of pos / ext under longrope (inv_short: the short factors' frequencies)
+// rope_table for rows t0..t0+T-1 of pos / ext under longrope or YaRN (inv_short: the short factors'
+// frequencies, or YaRN's)
 template <typename IT>
-static void rope_table_long(const IT* pos, const IT* ext, int64_t T, const float* inv_short, const LongRope<IT>& lr,
+static void rope_table_long(const IT* pos, int64_t t0, int64_t T, const float* inv_short, const LongRope<IT>& lr,
                             int64_t half, float* tab) {
     for (int64_t t = 0; t < T; t++) {
-        const float* inv = (int64_t)ext[t] > lr.orig ? lr.inv_long : inv_short;
-        const float p = (float)pos[t];
+        const float* inv = lr.ext && (int64_t)lr.ext[t0 + t] > lr.orig ? lr.inv_long : inv_short;
+        const float p = (float)pos[t0 + t];
         for (int64_t i = 0; i < half; i++) {
             const float a = p * inv[i];
             tab[t * 2 * half + i] = cosf(a) * lr.mscale;
@@ -41,12 +43,12 @@ static void rope_table_long(const IT* pos, const IT* ext, int64_t T, const float
     }
 }
 
-// rows t0..t0+T-1 of the table, by rope_table or (longrope) rope_table_long
+// rows t0..t0+T-1 of the table, by rope_table or (longrope, YaRN: a cos/sin scale) rope_table_long
 template <typename IT>
 static inline void rope_rows(const IT* pos, int64_t t0, int64_t T, const float* inv_freq, const LongRope<IT>& lr,
                              int64_t half, float* tab) {
-    if (lr.inv_long)
-        rope_table_long<IT>(pos + t0, lr.ext + t0, T, inv_freq, lr, half, tab);
+    if (lr.mscale != 0.f)
+        rope_table_long<IT>(pos, t0, T, inv_freq, lr, half, tab);
     else
         rope_table<IT>(pos + t0, T, inv_freq, half, tab);
 }
@@ -69,7 +71,7 @@ static inline void rms_apply(float* h, const float* w, int64_t D, float eps, flo
     for (int64_t i = 0; i < D; i++) h[i] = h[i] * inv * (OFFSET ? w[i] + off : w[i]);
 }
 
-// norm_off: the q/k norms' offset (0: none); lr: longrope (default: none)
+// norm_off: the q/k norms' offset (0: none); lr: longrope / YaRN (default: none)
 template <typename WT, typename IT, int64_t K, int64_t H, int64_t HKV, int64_t D, int64_t ROT>
 static void k_qkv_rope(int ith, int nth, const float* x, int64_t T, const WT* W, const float* b, const IT* pos,
                        const float* qn, const float* kn, float eps, const float* inv_freq, float* q, float* k,
