@@ -9,7 +9,9 @@ Concurrent clients loop over a weighted mix of requests:
   n2         n=2 with logprobs                           expect 200, two choices
   seeded     one of 10 fixed prompts with its own seed at temperature 1, among the rest of the
              traffic: its text must equal the first answer seen for that prompt (reproducibility
-             whatever the batch and the prefix cache hold)
+             whatever the batch and the prefix cache hold). A failed check on a plan compiled
+             with --deterministic; counted and reported on other plans, whose prompt-sized
+             matmuls sum in another order than decode-sized ones (docs/serving.md)
   long       a prompt near the context, or past it       expect 200, or 400 context_length_exceeded
   oversized  a body over --max-request-bytes             expect 413
   malformed  broken JSON / wrong types / unknown model   expect 400 / 404
@@ -258,11 +260,15 @@ def main() -> int:
           f" {soak.seeded_checks}; left in the server: {left}")
     for e in (soak.server_errors + soak.lost)[:10]:
         print("  ", e)
-    ok = (not soak.server_errors and not soak.lost and not soak.mismatches and growth <= kv_bytes
-          and not any(left.values()))
+    deterministic = bool(plan.manifest["backend"].get("deterministic"))
+    if soak.mismatches and not deterministic:
+        print("(not a failure: the plan was not compiled with --deterministic)")
+    ok = (not soak.server_errors and not soak.lost and not (soak.mismatches and deterministic)
+          and growth <= kv_bytes and not any(left.values()))
     if args.json:
         args.json.write_text(json.dumps({
             "minutes": args.minutes, "concurrency": args.concurrency, "requests": total,
+            "deterministic": deterministic,
             "status": {k: dict(v) for k, v in soak.status.items()}, "server_errors": len(soak.server_errors),
             "lost": len(soak.lost), "seeded_checks": soak.seeded_checks, "mismatches": soak.mismatches,
             "latency_p50": pct(lat, 50), "latency_p99": pct(lat, 99), "ttft_p50": pct(soak.ttft, 50),
