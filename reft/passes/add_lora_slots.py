@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ..errors import ReftError
 from ..ir import Graph, Node, TensorType
+from .add_lora import linear_modules
 from .context import PassContext
 from .rewrite import make
 
@@ -30,22 +31,13 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pro
 IDS = "lora_ids"
 
 
-def projections(graph: Graph) -> dict[str, Node]:
-    """<module> -> its linear node, for linears whose weight is a param `<module>.weight`."""
-    out = {}
-    for n in graph.nodes:
-        if n.op == "linear" and n.inputs[1].node.op == "param" and n.inputs[1].node.name.endswith(".weight"):
-            out[n.inputs[1].node.name[:-len(".weight")]] = n
-    return out
-
-
 def add_lora_slots(graph: Graph, ctx: PassContext) -> Graph:
     slots = int(ctx.options.get("max_loras") or 0)
     if not slots:
         return graph
     rank = int(ctx.options.get("max_lora_rank") or 16)
     targets = ctx.options.get("lora_targets")
-    found = projections(graph)
+    found = linear_modules(graph)
     wanted = set(targets or DEFAULT_TARGETS)
     chosen = {m: n for m, n in found.items() if m.rsplit(".", 1)[-1] in wanted}
     lacking = sorted(t for t in (targets or ()) if not any(m.rsplit(".", 1)[-1] == t for m in found))
