@@ -173,6 +173,10 @@ SERVE_OPTIONS = [
                  help="--serve: the model id clients send and /v1/models lists. [default: the plan directory's name]"),
     click.option("--no-prefix-caching", is_flag=True,
                  help="--serve: do not share the KV pages of prompt prefixes between requests."),
+    click.option("--reproducible", type=click.Choice(["seeded", "all", "off"]), default="seeded", show_default=True,
+                 help="--serve: which requests get results that do not depend on the batch they share or on the"
+                      " prefix cache (cpu plans): those with a seed, all, or none. Steps holding such a request run"
+                      " the batch-invariant kernels, which process prompts more slowly."),
     click.option("--lora", "loras", multiple=True, metavar="NAME=DIR",
                  help="Load the PEFT LoRA adapter in DIR as NAME (repeatable; the plan needs `reftc compile"
                       " --max-loras`). --serve: a request whose `model` is NAME runs through it, others through the"
@@ -240,7 +244,8 @@ def _embedding(pooling, no_normalize, matryoshka):
 def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, special,
         grammar_file, json_schema, threads, serve, host, port, api_key, metrics_public, allowed_hosts,
         max_request_bytes, max_prompt_chars, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
-        no_prefix_caching, loras, draft_plan, spec_ngram, spec_tokens, pooling, no_normalize, matryoshka):
+        no_prefix_caching, reproducible, loras, draft_plan, spec_ngram, spec_tokens, pooling, no_normalize,
+        matryoshka):
     """Generate text with PLAN: continue --prompt, chat with --chat, or --serve it over HTTP.
 
     An embed plan (reftc compile --task embed) is served only: --serve answers POST /v1/embeddings.
@@ -268,7 +273,7 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
                           max_request_bytes=max_request_bytes, max_prompt_chars=max_prompt_chars,
                           allowed_hosts=allowed_hosts, draft_plan=draft_plan, spec_ngram=spec_ngram,
                           spec_tokens=spec_tokens, embedding=_embedding(pooling, no_normalize, matryoshka),
-                          loras=_loras(loras))
+                          loras=_loras(loras), reproducible=reproducible)
     if _embedding(pooling, no_normalize, matryoshka) is not None:
         raise ReftError("--pooling, --no-normalize and --matryoshka apply to --serve of an embed plan")
     from ..runtime.lora import load_adapters
@@ -283,7 +288,8 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
         raise ReftError("--prompt and --chat run one LoRA adapter; give --lora once")
     adapter = next(iter(adapters), None)
     drafter = make_drafter(draft_plan, spec_ngram, spec_tokens, engine, options)
-    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens)
+    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens,
+                            reproducible="off")   # one sequence: nothing else shares its steps
     sampling = _sampling(engine.plan, temperature, top_p, top_k, min_p, seed)
     grammar = serving.grammars.compile(spec) if spec is not None else None   # GrammarError: one line
     tok = engine.tokenizer
@@ -375,6 +381,9 @@ def perplexity(plan, text_file, ctx, threads):
               help="CPU threads. [default: physical cores]")
 @click.option("--output", "-o", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True,
               help="A table like llama-bench's, or JSON records for scripts.")
+@click.option("--reproducible", "bench_repro", is_flag=True,
+              help="Time reproducible sequences: the batch-invariant kernels a seeded request gets from"
+                   " `reft run --serve` (cpu plans).")
 @spec_options
 @click.option("--prompt", "spec_prompt", default=None,
               help="--draft/--spec-ngram: the text to decode from (drafts need real text, not random tokens).")
@@ -383,8 +392,8 @@ def perplexity(plan, text_file, ctx, threads):
 @click.option("--chat", "as_chat", is_flag=True,
               help="--draft/--spec-ngram: send the prompt as a user message through the model's chat template.")
 @friendly_errors
-def bench(plan, prompt, gen, repetitions, threads, fmt, draft_plan, spec_ngram, spec_tokens, spec_prompt,
-          prompt_file, as_chat):
+def bench(plan, prompt, gen, repetitions, threads, fmt, bench_repro, draft_plan, spec_ngram, spec_tokens,
+          spec_prompt, prompt_file, as_chat):
     """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev).
 
     With --draft PLAN or --spec-ngram it measures speculative decoding instead: greedy decoding
@@ -412,7 +421,7 @@ def bench(plan, prompt, gen, repetitions, threads, fmt, draft_plan, spec_ngram, 
     if prompt > engine.max_batch_tokens:
         raise ReftError(f"-p {prompt} exceeds the plan's max_batch_tokens {engine.max_batch_tokens}"
                         " (recompile with a larger --max-batch-tokens)")
-    results = run_bench(engine, prompt, gen, repetitions, threads, load_s)
+    results = run_bench(engine, prompt, gen, repetitions, threads, load_s, reproducible=bench_repro)
     if fmt == "json":
         click.echo(_json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -49,8 +49,8 @@ def _tokens(engine: Engine, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
-def time_prompt(engine: Engine, n: int) -> float:
-    seq = engine.new_sequence(_tokens(engine, n))
+def time_prompt(engine: Engine, n: int, reproducible: bool = False) -> float:
+    seq = engine.new_sequence(_tokens(engine, n), reproducible)
     try:
         t0 = time.perf_counter()
         engine.prefill(seq)
@@ -59,9 +59,9 @@ def time_prompt(engine: Engine, n: int) -> float:
         seq.release()
 
 
-def time_generation(engine: Engine, n: int) -> float:
+def time_generation(engine: Engine, n: int, reproducible: bool = False) -> float:
     toks = _tokens(engine, n, seed=1)
-    seq = engine.new_sequence([toks[0]])
+    seq = engine.new_sequence([toks[0]], reproducible)
     try:
         t0 = time.perf_counter()
         for i in range(n):
@@ -74,8 +74,9 @@ def time_generation(engine: Engine, n: int) -> float:
 
 
 def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int,
-          load_s: float = 0.0) -> list[BenchResult]:
-    """llama-bench's ppN / tgN tests; `load_s` (how long Engine.load took) is reported alongside."""
+          load_s: float = 0.0, reproducible: bool = False) -> list[BenchResult]:
+    """llama-bench's ppN / tgN tests; `load_s` (how long Engine.load took) is reported alongside;
+    reproducible: time reproducible sequences (the batch-invariant kernels a seeded request gets)."""
     m = engine.plan.manifest
     kv = sum(a.nbytes for a in engine.pool.arrays.values())
     q = m.get("quantization") or {}
@@ -86,12 +87,12 @@ def bench(engine: Engine, prompt: int, gen: int, repetitions: int, threads: int,
         precision = f"{q['method']}" + (f"-g{q['group_size']}" if q.get("group_size") else "")
     else:
         precision = m["dtypes"]["weights"]
-    name = f"{m['model']['architecture']} {precision}"
+    name = f"{m['model']['architecture']} {precision}" + (" reproducible" if reproducible else "")
     out = []
     tests = ([(f"pp{prompt}", prompt, time_prompt)] if prompt else []) + ([(f"tg{gen}", gen, time_generation)] if gen else [])
     for test, n, fn in tests:
-        fn(engine, n)  # warm-up
-        rates = [n / fn(engine, n) for _ in range(repetitions)]
+        fn(engine, n, reproducible)  # warm-up
+        rates = [n / fn(engine, n, reproducible) for _ in range(repetitions)]
         out.append(BenchResult(name, int(m["weights"]["bytes"]), int(m["model"]["params"]), m["backend"]["name"],
                                threads, test, float(np.mean(rates)), float(np.std(rates)), rates, peak_rss(), kv, load_s))
     return out
@@ -135,7 +136,8 @@ def _decode(engine: Engine, ids: list[int], gen: int, drafter, spec_tokens: int)
     from .sampler import SamplingParams
     from .serving import Request, ServingEngine
 
-    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens)
+    serving = ServingEngine(engine, max_num_seqs=1, drafter=drafter, spec_tokens=spec_tokens,
+                            reproducible="off")   # one sequence: nothing else shares its steps
     serving.add(Request("bench", list(ids), gen, SamplingParams(temperature=0)))
     out, t0 = [], None
     while serving.has_work:

@@ -67,13 +67,25 @@ class Engine:
     def tokenizer(self):
         return self.plan.tokenizer
 
-    def new_sequence(self, tokens: list[int]) -> Sequence:
-        return Sequence(self.pool, tokens)
+    @property
+    def supports_reproducible(self) -> bool:
+        """Whether reproducible sequences can be promised: the backend has a batch-invariant mode."""
+        return bool(getattr(self.exe, "supports_reproducible", False))
 
-    def adapter_sequence(self, tokens: list[int], adapter: str | None) -> Sequence:
+    def new_sequence(self, tokens: list[int], reproducible: bool = False) -> Sequence:
+        """reproducible: the sequence's logits must not depend on what else is in its steps or on how
+        its prompt was split (seeded sampling); a backend without such a mode refuses it."""
+        if reproducible and not self.supports_reproducible:
+            raise RequestError("reproducible results need a cpu plan compiled by this version of reftc"
+                               f" ({self.plan.path}: its backend has no reproducible mode, or its kernels predate it)")
+        return Sequence(self.pool, tokens, reproducible=reproducible)
+
+    def adapter_sequence(self, tokens: list[int], adapter: str | None, reproducible: bool = False) -> Sequence:
         """A sequence whose tokens run through the loaded LoRA adapter `adapter` (None: the base model)."""
         if adapter is None:
-            return self.new_sequence(tokens)
+            return self.new_sequence(tokens, reproducible)
+        if reproducible and not self.supports_reproducible:
+            return self.new_sequence(tokens, reproducible)   # its error
         if self.adapters is None:
             raise RequestError(f"LoRA adapter {adapter!r} requested, but this plan has no adapter slots"
                                " (compile it with --max-loras N)")
@@ -81,7 +93,8 @@ class Engine:
             slot = self.adapters.slot(adapter)
         except ReftError as e:
             raise RequestError(str(e)) from None
-        return Sequence(self.pool, tokens, adapter=slot, salt=b"lora:" + adapter.encode() + b"\0")
+        return Sequence(self.pool, tokens, adapter=slot, salt=b"lora:" + adapter.encode() + b"\0",
+                        reproducible=reproducible)
 
     def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
         """Run one forward call; returns each chunk's rows ([0|1|n, V] float32 logits; [.., D] hidden
@@ -112,6 +125,8 @@ class Engine:
                  "page_table": table, **self.pool.arrays}
         if self.adapters is not None:
             feeds.update(self.adapters.feeds(slots))
+        if self.supports_reproducible:   # a reproducible sequence makes the whole step run that way
+            self.exe.set_deterministic(any(c.seq.reproducible for c in chunks))
         logits = self.exe.run(feeds)[self.output]
         for c in chunks:
             c.seq.cached += c.n

@@ -123,12 +123,16 @@ class PagePool:
 class Sequence:
     """A sequence's tokens and the pages that hold its cached K/V (positions 0..cached-1)."""
 
-    def __init__(self, pool: PagePool, tokens: list[int] | None = None, adapter: int = -1, salt: bytes = b""):
+    def __init__(self, pool: PagePool, tokens: list[int] | None = None, adapter: int = -1, salt: bytes = b"",
+                 reproducible: bool = False):
         """adapter: the LoRA adapter slot its tokens run through (-1: the base model); salt: the
-        adapter's name, which the names of its cached pages chain from."""
+        adapter's name, which the names of its cached pages chain from; reproducible: every step
+        with this sequence runs in the backend's reproducible mode (Engine.step), and its pages are
+        named apart, so it reuses only K/V computed that way."""
         self.pool = pool
         self.tokens: list[int] = list(tokens or [])
-        self.adapter, self._salt = adapter, salt
+        self.adapter, self._salt = adapter, (b"reproducible\0" if reproducible else b"") + salt
+        self.reproducible = reproducible
         self.pages: list[int] = []
         self.cached = 0
         self._names: list[bytes] = []   # names of the leading full pages, as far as computed

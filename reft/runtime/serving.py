@@ -7,7 +7,10 @@ single-threaded; `AsyncEngine` (async_engine.py) runs it in a background thread 
 Notable:
 - Each choice of a request is its own `Sequence` with its own seeded `Sampler`, so a seed gives
   the same text whatever else runs beside it, and after a preemption the draw goes on where it
-  stopped (the RNG is not reset by the recompute).
+  stopped (the RNG is not reset by the recompute). The draws alone are not enough: a seeded
+  request's sequence is reproducible (`reproducible="seeded"`, the default), so every step it is in
+  runs the backend's batch-invariant kernels and it reuses only cached pages computed by them; its
+  logits, hence its text, then do not depend on the batch, the chunking or the prefix cache.
 - Text is produced here, token by token (IncrementalDecoder, then StopStrings holding back what
   could still turn into a stop string), so a stop string ends the sequence in the same step.
 - EOS (generation_config's ids, unless ignore_eos) and `stop_token_ids` end a sequence with
@@ -45,6 +48,9 @@ from .sampler import Sampler, SamplingParams, logprobs
 from .scheduler import BatchingEngine
 from .speculative import SpecStats
 from .stop import StopStrings
+
+
+REPRODUCIBLE = ("seeded", "all", "off")   # ServingEngine(reproducible=...): which requests run reproducibly
 
 
 @dataclass
@@ -123,9 +129,14 @@ class _State:
 
 class ServingEngine(BatchingEngine):
     def __init__(self, engine: Engine, *, max_num_seqs: int = 64, max_batch_tokens: int | None = None,
-                 max_model_len: int | None = None, observer=None, drafter=None, spec_tokens: int = 4):
+                 max_model_len: int | None = None, observer=None, drafter=None, spec_tokens: int = 4,
+                 reproducible: str = "seeded"):
         """drafter: an NgramDrafter or ModelDrafter (speculative decoding) proposing up to
-        `spec_tokens` tokens per decoding sequence and step; None decodes one token per step."""
+        `spec_tokens` tokens per decoding sequence and step; None decodes one token per step.
+        reproducible: which requests run as reproducible sequences (Engine.new_sequence), where the
+        backend has that mode: "seeded" (those with a seed), "all", or "off"."""
+        if reproducible not in REPRODUCIBLE:
+            raise RequestError(f"reproducible must be one of {', '.join(REPRODUCIBLE)}, got {reproducible!r}")
         super().__init__(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                          max_model_len=max_model_len)
         self.eos = tuple(self.tokenizer.eos_token_ids)
@@ -136,6 +147,7 @@ class ServingEngine(BatchingEngine):
             raise RequestError(f"spec_tokens must be >= 1, got {spec_tokens}")
         self.drafter, self.spec_tokens = drafter, spec_tokens
         self.spec = SpecStats()
+        self.reproducible = reproducible if engine.supports_reproducible else "off"
 
     # --- requests in and out -----------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -158,7 +170,8 @@ class ServingEngine(BatchingEngine):
 
     def add(self, req: Request) -> None:
         self.check(req)
-        seq = self.engine.adapter_sequence(req.prompt_ids, req.adapter)
+        repro = self.reproducible == "all" or (self.reproducible == "seeded" and req.sampling.seed is not None)
+        seq = self.engine.adapter_sequence(req.prompt_ids, req.adapter, reproducible=repro)
         seq.all_logits = req.prompt_logprobs is not None and len(req.prompt_ids) > 1
         self._admit(_State(req, seq, self.eos, self.tokenizer))
 

@@ -103,9 +103,10 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
           backend_options, model_name: str | None, prefix_caching: bool = True, metrics_public: bool = False,
           max_request_bytes: str | None = None, max_prompt_chars: int | None = None,
           allowed_hosts: str | None = None, draft_plan: Path | None = None, spec_ngram: bool = False,
-          spec_tokens: int = 4, embedding=None, loras: dict | None = None) -> None:
+          spec_tokens: int = 4, embedding=None, loras: dict | None = None, reproducible: str = "seeded") -> None:
     """embedding: a runtime.embed.EmbeddingOptions (--pooling, ...) for an embed plan; None: defaults.
-    loras: LoRA adapters to load, name -> PEFT adapter folder (requests pick one by `model`)."""
+    loras: LoRA adapters to load, name -> PEFT adapter folder (requests pick one by `model`).
+    reproducible: which requests run reproducibly (ServingEngine: "seeded", "all", "off")."""
     try:
         import uvicorn
 
@@ -153,7 +154,11 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     else:
         drafter = make_drafter(draft_plan, spec_ngram, spec_tokens, engine, backend_options)
         serving = ServingEngine(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                                observer=metrics, drafter=drafter, spec_tokens=spec_tokens)
+                                observer=metrics, drafter=drafter, spec_tokens=spec_tokens, reproducible=reproducible)
+        if reproducible != "off" and not engine.supports_reproducible:
+            print(f"reft: note: {plan.path} has no batch-invariant mode (a cuda plan, or cpu kernels compiled before"
+                  " it existed: recompile), so a seeded request's text can depend on what shares its steps",
+                  file=sys.stderr, flush=True)
     metrics.watch(serving)
     gen = load_generation_config(plan.path / "tokenizer")
     defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}

@@ -1,32 +1,56 @@
-"""`reftc compile --deterministic` (batch-invariant cpu kernels): a sequence's logits are bit for bit
-the same whether its prompt is prefilled at once, in chunks, token by token, beside another
-sequence, or after a prefix-cache hit — for a float plan and for quantized ones (reft's int8 and
-int4, whose activations are rounded to int16 as llama.cpp's types do)."""
+"""Batch-invariant cpu kernels: a sequence's logits are bit for bit the same whether its prompt is
+prefilled at once, in chunks, token by token, beside another sequence, or after a prefix-cache hit.
+Two ways to get them: a plan compiled with `reftc compile --deterministic` (every step), or a
+reproducible sequence on a default plan (Engine.new_sequence(reproducible=True): the steps it is in
+switch the kernels to that mode; what the server does for seeded requests). For a float plan and
+quantized ones: reft's weight-only int8 and int4, and a GGUF in Q4_1, whose activations are rounded
+to int16 for integer dot products."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf_util import copy_gguf
 from hf_tiny import make_model
+from paths import SHARED_MODELS
 
 from reft.compiler import compile_model
 from reft.runtime.engine import Chunk, Engine
 
+STORIES_GGUF = SHARED_MODELS / "stories260K" / "stories260K.gguf"
 
-@pytest.fixture(scope="module", params=[None, "int8", "int4"])
+
+@pytest.fixture(scope="module", params=["f32-deterministic", "int8-deterministic", "int4-deterministic",
+                                        "f32-reproducible", "int4-reproducible", "q4_1-reproducible"])
 def engine(request, stories_dir, tmp_path_factory):
-    """stories260K in float32; quantized, a tiny random Llama (stories260K's 172-wide MLP rows do not
-    fit the formats' 32-value blocks)."""
+    """(engine, reproducible): stories260K in float32; quantized, a tiny random Llama (stories260K's
+    172-wide MLP rows do not fit the formats' 32-value blocks) or stories260K.gguf with its whole-block
+    matrices in Q4_1. `-deterministic`: compiled so; `-reproducible`: a default plan whose test
+    sequences are reproducible."""
+    kind, mode = request.param.split("-")
     d = tmp_path_factory.mktemp("det")
-    src = stories_dir if request.param is None else make_model("llama-gqa-llama3", d / "hf")[0]
-    plan = compile_model(src, d / "plan", progress=False, deterministic=True, quant=request.param)
-    assert Engine.load(plan, kv_tokens=64).plan.manifest["backend"]["deterministic"] is True
-    return Engine.load(plan, kv_tokens=8192)
+    if kind == "q4_1":
+        if not STORIES_GGUF.is_file():
+            pytest.skip("shared/models/stories260K is absent")
+        names = {x.name for x in GGUFReader(str(STORIES_GGUF)).tensors if len(x.shape) == 2 and x.shape[0] % 32 == 0}
+        src = copy_gguf(STORIES_GGUF, d / "q4_1.gguf", retype=dict.fromkeys(names, GGMLQuantizationType.Q4_1))
+    else:
+        src = stories_dir if kind == "f32" else make_model("llama-gqa-llama3", d / "hf")[0]
+    det = mode == "deterministic"
+    plan = compile_model(src, d / "plan", progress=False, deterministic=det,
+                         quant=kind if kind in ("int8", "int4") else None)
+    e = Engine.load(plan, kv_tokens=8192)
+    assert e.plan.manifest["backend"]["deterministic"] is det and e.supports_reproducible
+    if kind == "q4_1":
+        assert e.plan.manifest["quantization"]["matrices"].get("q4_1", 0) >= 15, e.plan.manifest["quantization"]
+    return e, not det
 
 
 def run(engine, seqs_pieces) -> list[np.ndarray]:
     """Prefill each (tokens, piece size) sequence in pieces, all sequences side by side in each step;
     every row's logits, per sequence."""
-    seqs = [engine.new_sequence(t) for t, _ in seqs_pieces]
+    engine, repro = engine
+    seqs = [engine.new_sequence(t, reproducible=repro) for t, _ in seqs_pieces]
     out = [[] for _ in seqs]
     try:
         while any(s.cached < len(s.tokens) for s in seqs):
@@ -52,11 +76,12 @@ def test_logits_do_not_depend_on_chunking_batch_or_prefix_cache(engine):
         got = run(engine, pieces)[-1]
         assert np.array_equal(got, whole), [p for _, p in pieces]
     # a prefix-cache hit: the first 144 tokens' pages come from an earlier sequence
+    engine, repro = engine
     engine.pool.reset_prefix_cache()
-    first = engine.new_sequence(toks)
+    first = engine.new_sequence(toks, reproducible=repro)
     engine.prefill(first)
     first.register_pages()
-    second = engine.new_sequence(toks)
+    second = engine.new_sequence(toks, reproducible=repro)
     assert second.match_prefix() == 144
     last = engine.step([Chunk(second, len(toks) - 144, "all")])[0]
     first.release()

@@ -41,9 +41,10 @@ def render(low: Lowered, entry: str, target: str, tune: dict | None = None) -> s
 
 def rename_exports(source: str, entry: str) -> str:
     """The source of a second (third, ...) entry point of one library: its per-source exports get the
-    entry's suffix (reft_init_<entry>, reft_scratch_floats_<entry>) so the sources link together."""
+    entry's suffix (reft_init_<entry>, reft_scratch_floats_<entry>, ...) so the sources link together."""
     return (f"// entry {entry}: per-source exports renamed to link beside the first entry point\n"
             f"#define reft_init reft_init_{entry}\n#define reft_scratch_floats reft_scratch_floats_{entry}\n"
+            f"#define reft_set_deterministic reft_set_deterministic_{entry}\n"
             + source)
 
 

@@ -108,6 +108,27 @@ class CpuExecutable(HostBuffers):
         self.weights = weights
         self.layouts = dict(record.get("layouts", {}))   # weight -> physical layout, where not row-major
         self.entries = {e: Entry(self.lib, graphs[e], rec, weights, self.threads) for e, rec in entries.items()}
+        # reproducible mode switches (linear.h g_det), one per entry's source; a plan compiled before
+        # they existed has none
+        setters = [getattr(self.lib, rec["init"].replace("reft_init", "reft_set_deterministic"), None)
+                   for rec in entries.values()]
+        self._det_setters = [f for f in setters if f is not None] if all(setters) else []
+        self._det = False
+
+    @property
+    def supports_reproducible(self) -> bool:
+        """Whether set_deterministic works: the plan's library has the switch."""
+        return bool(self._det_setters)
+
+    def set_deterministic(self, on: bool) -> None:
+        """Run the following calls in reproducible mode (every matmul through the GEMV / tile kernels,
+        whose results for a token never depend on the rest of the batch) or back in the fast one."""
+        if not self._det_setters:
+            raise PlanError("this plan's kernels predate reproducible mode; recompile it with reftc compile")
+        if bool(on) != self._det:
+            for f in self._det_setters:
+                f(ctypes.c_int(int(bool(on))))
+            self._det = bool(on)
 
     def run(self, feeds, entry: str = "forward") -> dict[str, np.ndarray]:
         ep = self.entries[entry]

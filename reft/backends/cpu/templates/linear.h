@@ -22,6 +22,13 @@ static inline float dot(const float* a, const WT* b, int64_t K) {
     return s;
 }
 
+// Reproducible mode (reft_set_deterministic, set by the runtime for steps that carry a seeded
+// request, or for good by `reftc compile --deterministic`): every matmul of any batch size takes the
+// GEMV / tile kernels, whose sum over K for a (token, row) never depends on the batch, instead of
+// the sgemm, whose order changes with the matrix shapes.
+static int g_det = 0;
+static inline bool gemv_path(int64_t T) { return T <= GEMV_MAX_T || g_det; }
+
 typedef void (*sgemm_fn)(int order, int transa, int transb, int m, int n, int k, float alpha, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc);
 static sgemm_fn g_sgemm = 0;
@@ -93,52 +100,58 @@ static inline void gemv_tile(const float* x, int64_t K, const WT* w, int rr, int
         for (int r = 0; r < NR; r++) out[t * RB + rr + r] = hsum(acc[t][r]);
 }
 
-// y[t, row - r0] (ldy) for rows [r0, r1) and T <= GEMV_MAX_T tokens. Up to GEMV_BLOCK_T tokens
-// take a whole 8-row block per pass over x (the plain GEMV: streams fastest); more tokens go
-// in tiles of TILE_T tokens x TILE_R rows that reuse each block from cache, so each block comes
-// from memory once per step.
+// y[t, row - r0] (ldy) for rows [r0, r1) and T tokens (T <= GEMV_MAX_T, or any T in reproducible
+// mode). Up to GEMV_BLOCK_T tokens take a whole 8-row block per pass over x (the plain GEMV:
+// streams fastest); more tokens go in tiles of TILE_T tokens x TILE_R rows that reuse each block
+// from cache, so each block comes from memory once per step. Tokens are taken in slabs of up to
+// GEMV_MAX_T (whole tiles) per block, the size of the output buffer.
 template <typename WT>
 static void gemv_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
                       int64_t ldy) {
     const int64_t KC = kpad(K) / 16;
     const bool whole = T <= GEMV_BLOCK_T;
+    constexpr int64_t SLAB = GEMV_MAX_T / TILE_T * TILE_T;             // tokens per slab: whole tiles
     const int G = (int)((T + TILE_T - 1) / TILE_T), P = whole ? 0 : (RB / TILE_R) * G;   // token groups, tiles
-    float out[GEMV_MAX_T * RB];
+    float out[SLAB * RB];
     for (int64_t nb = r0 / RB; nb * RB < r1; nb++) {
         const WT* w = W + nb * KC * RB * 16;
-        if (whole) {
-            if (T == 1) gemv_tile<WT, 1, RB>(x, K, w, 0, 0, 0, out);
+        for (int64_t s0 = 0; s0 < T; s0 += SLAB) {
+            const int64_t TS = T - s0 < SLAB ? T - s0 : SLAB;
+            if (whole) {
+                if (T == 1) gemv_tile<WT, 1, RB>(x, K, w, 0, 0, 0, out);
 #if GEMV_BLOCK_T >= 2
-            else gemv_tile<WT, 2, RB>(x, K, w, 0, 0, 0, out);
+                else gemv_tile<WT, 2, RB>(x, K, w, 0, 0, 0, out);
 #endif
-        } else {
-            for (int h = 0; h < RB / TILE_R; h++) {
-                const int rr = h * TILE_R;
-                if (nb * RB + rr >= r1 || nb * RB + rr + TILE_R <= r0) continue;   // rows outside [r0, r1)
-                for (int g = 0; g < G; g++) {
-                    const float* xg = x + g * TILE_T * K;
-                    float* og = out + g * TILE_T * RB;
-                    const int p = h * G + g;
-                    switch (T - g * TILE_T < TILE_T ? T - g * TILE_T : TILE_T) {
-                        case 1: gemv_tile<WT, 1, TILE_R>(xg, K, w, rr, p, P, og); break;
+            } else {
+                const int GS = (int)((TS + TILE_T - 1) / TILE_T), g0 = (int)(s0 / TILE_T);
+                for (int h = 0; h < RB / TILE_R; h++) {
+                    const int rr = h * TILE_R;
+                    if (nb * RB + rr >= r1 || nb * RB + rr + TILE_R <= r0) continue;   // rows outside [r0, r1)
+                    for (int g = 0; g < GS; g++) {
+                        const float* xg = x + (s0 + g * TILE_T) * K;
+                        float* og = out + g * TILE_T * RB;
+                        const int p = h * G + g0 + g;
+                        switch (TS - g * TILE_T < TILE_T ? TS - g * TILE_T : TILE_T) {
+                            case 1: gemv_tile<WT, 1, TILE_R>(xg, K, w, rr, p, P, og); break;
 #if TILE_T >= 2
-                        case 2: gemv_tile<WT, 2, TILE_R>(xg, K, w, rr, p, P, og); break;
+                            case 2: gemv_tile<WT, 2, TILE_R>(xg, K, w, rr, p, P, og); break;
 #endif
 #if TILE_T >= 3
-                        case 3: gemv_tile<WT, 3, TILE_R>(xg, K, w, rr, p, P, og); break;
+                            case 3: gemv_tile<WT, 3, TILE_R>(xg, K, w, rr, p, P, og); break;
 #endif
 #if TILE_T >= 4
-                        case 4: gemv_tile<WT, 4, TILE_R>(xg, K, w, rr, p, P, og); break;
+                            case 4: gemv_tile<WT, 4, TILE_R>(xg, K, w, rr, p, P, og); break;
 #endif
-                        default: break;
+                            default: break;
+                        }
                     }
                 }
             }
-        }
-        for (int r = 0; r < RB; r++) {
-            const int64_t row = nb * RB + r;
-            if (row >= r0 && row < r1)
-                for (int64_t t = 0; t < T; t++) y[t * ldy + row - r0] = out[t * RB + r];
+            for (int r = 0; r < RB; r++) {
+                const int64_t row = nb * RB + r;
+                if (row >= r0 && row < r1)
+                    for (int64_t t = 0; t < TS; t++) y[(s0 + t) * ldy + row - r0] = out[t * RB + r];
+            }
         }
     }
 }
@@ -169,7 +182,7 @@ template <typename WT> struct is_rowmajor<rowmajor<WT>> { static constexpr bool 
 template <typename WT>
 static void rm_matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64_t r0, int64_t r1, float* y,
                            int64_t ldy, float* scratch) {
-    if (T <= GEMV_MAX_T) {
+    if (gemv_path(T)) {
         for (int64_t t = 0; t < T; t++)
             for (int64_t r = r0; r < r1; r++) y[t * ldy + r - r0] = dot<WT>(x + t * K, W + r * K, K);
         return;
@@ -199,7 +212,7 @@ static void matmul_rows(const float* x, int64_t T, int64_t K, const WT* W, int64
     } else if constexpr (is_rowmajor<WT>::value) {   // row-major weights (training plans): above
         rm_matmul_rows(x, T, K, &W->v, r0, r1, y, ldy, scratch);
     } else {
-        if (T <= GEMV_MAX_T) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
+        if (gemv_path(T)) { gemv_rows<WT>(x, T, K, W, r0, r1, y, ldy); return; }
         for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
             int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
             gemm_f32(x, T, K, rows_f32<WT>(W, K, c, n, scratch), n, y + (c - r0), ldy);

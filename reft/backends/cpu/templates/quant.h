@@ -487,7 +487,8 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
                          int64_t ldy, float* scratch, bool ready) {
     const uint8_t* W = (const uint8_t*)Wq;
     const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K);
-    if (T <= QGEMV_MAX_T) {   // decode batches (the target's QGEMV_MAX_T): GEMV over groups of up to 4 tokens
+    if (T <= QGEMV_MAX_T || g_det) {   // decode batches (the target's QGEMV_MAX_T), or reproducible mode:
+        // GEMV over groups of up to 4 tokens
         // per call: int16 activations (llama.cpp's types) and per-block sums of x (formats with offsets)
         float *dx = scratch, *xs = dx + T * NB;
         int16_t* qx = (int16_t*)(xs + T * NB);
