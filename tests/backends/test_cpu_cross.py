@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from strategies import AWAITING_CPU_KERNELS, OP_CASES, matmul_cases
 from test_cpu_ops import as_f32, build, check_against_reference, check_rows_do_not_depend_on_the_batch, uses_uint8
-from test_cpu_quant import build as build_quantized, check_step
+from test_cpu_quant import build as build_quantized, check_reproducible_rows, check_step
 
 from reft.backends.cpu.emulate import available, compile_graph_cross
 from reft.backends.cpu.lower import PACKED_READERS, Unsupported, lower
@@ -90,6 +90,11 @@ def test_neon_quantized_kernels_match_reference(quantized, T):
     check_step(*quantized, T, seed=T)
 
 
+def test_neon_quantized_rows_do_not_depend_on_the_batch_in_reproducible_mode(quantized):
+    check_reproducible_rows(*quantized)
+
+
+@pytest.mark.parametrize("reproducible", [False, True], ids=["fast", "reproducible"])
 @pytest.mark.parametrize("wdtype", ["float32", "float16", "bfloat16"])
-def test_neon_linear_rows_do_not_depend_on_the_batch(wdtype):
-    check_rows_do_not_depend_on_the_batch(wdtype, TARGET, compile=compile_graph_cross)
+def test_neon_linear_rows_do_not_depend_on_the_batch(wdtype, reproducible):
+    check_rows_do_not_depend_on_the_batch(wdtype, TARGET, compile=compile_graph_cross, reproducible=reproducible)

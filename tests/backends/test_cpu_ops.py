@@ -134,19 +134,33 @@ def test_cpu_linear_rows_do_not_depend_on_the_batch(wdtype, target):
     check_rows_do_not_depend_on_the_batch(wdtype, target)
 
 
-def check_rows_do_not_depend_on_the_batch(wdtype, target, compile=compile_graph):
-    """One graph: a linear at each token count up to the target's GEMV_MAX_T, its first and last
-    rows the same vector; every such row must equal the 1-token result bit for bit."""
+@pytest.mark.parametrize("target", LOCAL_TARGETS)
+@pytest.mark.parametrize("wdtype", ["float32", "float16", "bfloat16"])
+def test_cpu_linear_rows_do_not_depend_on_the_batch_in_reproducible_mode(wdtype, target):
+    """In reproducible mode (set_deterministic: what a seeded request's steps get) the same holds
+    past GEMV_MAX_T tokens: the tiles take the batch in slabs instead of handing it to the sgemm."""
+    check_rows_do_not_depend_on_the_batch(wdtype, target, reproducible=True)
+
+
+def check_rows_do_not_depend_on_the_batch(wdtype, target, compile=compile_graph, reproducible=False):
+    """One graph: a linear at each token count up to the target's GEMV_MAX_T (reproducible: up to
+    80, across several slabs), its first and last rows the same vector; every such row must equal
+    the 1-token result bit for bit."""
     rng = np.random.default_rng(0)
     K, N = 40, 20                                            # a K tail; rows ending mid-block
     w = rng.uniform(-1, 1, (N, K)).astype(np.float32).astype(np_dtype(wdtype))
     v = rng.uniform(-1, 1, (1, K)).astype(np.float32)
     top = TARGETS[target].tuning["GEMV_MAX_T"]
     ts = [t for t in (1, 2, 3, 4, 5, 7, 8, 13, 16, 17, top) if t <= top]
+    if reproducible:
+        ts += sorted({t for t in (top + 1, 2 * top + 1, 80) if t <= 80})
     xs = [np.concatenate([v, rng.uniform(-1, 1, (max(t - 2, 0), K)).astype(np.float32), v])[:t] for t in ts]
     graph, feeds, weights = build([("linear", [x, w], {}) for x in xs])
     with tempfile.TemporaryDirectory() as tmp:
-        got = compile(graph, weights, tmp, max_tokens=80, threads=2, target=target).run(feeds)
+        exe = compile(graph, weights, tmp, max_tokens=80, threads=2, target=target)
+        if reproducible:
+            exe.set_deterministic(True)
+        got = exe.run(feeds)
     alone = got["c0_out0"][0]
     for c, t in enumerate(ts):
         np.testing.assert_array_equal(got[f"c{c}_out0"][0], alone, err_msg=f"T={t} first row")

@@ -77,6 +77,7 @@ class CrossExecutable:
         self.graph, self.low, self.exe = graph, low, Path(executable)
         self.command = runner(target)
         self.max_tokens, self.threads, self.timeout = int(max_tokens), int(threads), timeout
+        self.deterministic = False   # reproducible mode (CpuExecutable.set_deterministic)
         self.inputs = list(graph.inputs())
         missing = [p for p in low.params if p not in weights]
         if missing:
@@ -87,6 +88,11 @@ class CrossExecutable:
             a = np.ascontiguousarray(pack(weights[name]) if name in low.layouts else weights[name])
             a.tofile(self.dir / f"param{j}.bin")
             self.params.append(f"param {self.dir / f'param{j}.bin'} {a.nbytes}")
+
+    supports_reproducible = True
+
+    def set_deterministic(self, on: bool) -> None:
+        self.deterministic = bool(on)
 
     def run(self, feeds) -> dict[str, np.ndarray]:
         keep, sizes = bind_inputs(self.inputs, feeds, self.max_tokens)
@@ -102,7 +108,8 @@ class CrossExecutable:
                 a.tofile(step / f"in{i}.bin")
                 lines.append(f"in in{i}.bin {a.nbytes}")
             lines += self.params
-            lines += [f"arena {self.low.arena_bytes}", f"scratch {self.low.scratch_floats}", f"threads {self.threads}"]
+            lines += [f"arena {self.low.arena_bytes}", f"scratch {self.low.scratch_floats}", f"threads {self.threads}",
+                      f"deterministic {int(self.deterministic)}"]
             lines += [f"out back{i}.bin in{i} 0 {a.nbytes}" for i, a in enumerate(keep)]
             lines += [f"out out{k}.bin arena {off} {nbytes}" for k, (off, nbytes) in enumerate(outs.values())]
             (step / "spec.txt").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@
 //   arena BYTES
 //   scratch FLOATS                  per thread
 //   threads N
+//   deterministic 0|1               reproducible mode (reft_set_deterministic) for the step
 //   out FILE BUFFER OFFSET BYTES    after the step, write BYTES of BUFFER (`arena`, or `inI` for
 //                                   input I, which the step may write in place) from OFFSET to FILE
 // Buffers are 64-byte aligned; the arena and scratch start zeroed, as the runtime's mmap-ed ones.
@@ -69,7 +70,7 @@ int main(int argc, char** argv) {
     std::vector<void*> in;
     std::vector<const void*> params;
     std::vector<Out> outs;
-    int64_t arena_bytes = 0, scratch_floats = 0, threads = 1;
+    int64_t arena_bytes = 0, scratch_floats = 0, threads = 1, deterministic = 0;
     std::string line, key, file;
     for (int no = 1; std::getline(text, line); no++) {
         std::istringstream s(line);
@@ -90,11 +91,13 @@ int main(int argc, char** argv) {
         } else if (key == "arena") ok = bool(s >> arena_bytes);
         else if (key == "scratch") ok = bool(s >> scratch_floats);
         else if (key == "threads") ok = bool(s >> threads);
+        else if (key == "deterministic") ok = bool(s >> deterministic);
         if (!ok) fail(spec + ":" + std::to_string(no) + ": cannot read `" + line + "`");
     }
     char* arena = alloc(arena_bytes);
     float* scratch = (float*)alloc(4 * scratch_floats * threads);
     reft_init(nullptr);
+    reft_set_deterministic((int)deterministic);
     const int rc = reft_forward(dims.data(), in.data(), params.data(), arena, scratch, (int)threads);
     if (rc != 0) fail("reft_forward returned " + std::to_string(rc));
     for (const Out& o : outs) {
