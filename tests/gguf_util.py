@@ -49,3 +49,10 @@ def copy_gguf(src: Path, dst: Path, *, arch: str | None = None, set_kv: dict | N
             tensors.append((t.name, data, None if t.tensor_type == GGMLQuantizationType.F32 else t.tensor_type))
     tensors += list(add_tensors)
     return write_gguf(dst, arch or r.fields["general.architecture"].contents(), kv, tensors)
+
+
+def requantized(src: Path, dst: Path, qtype: str) -> Path:
+    """A copy of the GGUF `src` with every matrix whose rows are whole 32-value blocks re-quantized
+    to `qtype` (e.g. "Q4_1") by the gguf package."""
+    names = {x.name for x in GGUFReader(str(src)).tensors if len(x.shape) == 2 and x.shape[0] % 32 == 0}
+    return copy_gguf(src, dst, retype=dict.fromkeys(names, GGMLQuantizationType[qtype]))

@@ -58,6 +58,8 @@ class Engine:
         self.pool = PagePool(plan.kv, pages, self.exe.zeros, prefix_caching)
         layout = plan.manifest.get("lora")   # --max-loras: adapter slots (runtime/lora.py)
         self.adapters = AdapterSlots(layout, self.exe.zeros) if layout else None
+        # whether reproducible sequences can be promised: the backend has a batch-invariant mode
+        self.supports_reproducible = bool(getattr(self.exe, "supports_reproducible", False))
 
     @classmethod
     def load(cls, path: str | Path, **kw) -> "Engine":
@@ -67,25 +69,18 @@ class Engine:
     def tokenizer(self):
         return self.plan.tokenizer
 
-    @property
-    def supports_reproducible(self) -> bool:
-        """Whether reproducible sequences can be promised: the backend has a batch-invariant mode."""
-        return bool(getattr(self.exe, "supports_reproducible", False))
-
     def new_sequence(self, tokens: list[int], reproducible: bool = False) -> Sequence:
         """reproducible: the sequence's logits must not depend on what else is in its steps or on how
         its prompt was split (seeded sampling); a backend without such a mode refuses it."""
-        if reproducible and not self.supports_reproducible:
-            raise RequestError("reproducible results need a cpu plan compiled by this version of reftc"
-                               f" ({self.plan.path}: its backend has no reproducible mode, or its kernels predate it)")
-        return Sequence(self.pool, tokens, reproducible=reproducible)
+        return self.adapter_sequence(tokens, None, reproducible)
 
     def adapter_sequence(self, tokens: list[int], adapter: str | None, reproducible: bool = False) -> Sequence:
         """A sequence whose tokens run through the loaded LoRA adapter `adapter` (None: the base model)."""
-        if adapter is None:
-            return self.new_sequence(tokens, reproducible)
         if reproducible and not self.supports_reproducible:
-            return self.new_sequence(tokens, reproducible)   # its error
+            raise RequestError("reproducible results need a cpu plan compiled by this version of reftc"
+                               f" ({self.plan.path}: its backend has no reproducible mode, or its kernels predate it)")
+        if adapter is None:
+            return Sequence(self.pool, tokens, reproducible=reproducible)
         if self.adapters is None:
             raise RequestError(f"LoRA adapter {adapter!r} requested, but this plan has no adapter slots"
                                " (compile it with --max-loras N)")

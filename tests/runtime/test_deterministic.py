@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf_util import copy_gguf
+from gguf_util import requantized
 from hf_tiny import make_model
 from paths import SHARED_MODELS
 
@@ -32,8 +31,7 @@ def engine(request, stories_dir, tmp_path_factory):
     if kind == "q4_1":
         if not STORIES_GGUF.is_file():
             pytest.skip("shared/models/stories260K is absent")
-        names = {x.name for x in GGUFReader(str(STORIES_GGUF)).tensors if len(x.shape) == 2 and x.shape[0] % 32 == 0}
-        src = copy_gguf(STORIES_GGUF, d / "q4_1.gguf", retype=dict.fromkeys(names, GGMLQuantizationType.Q4_1))
+        src = requantized(STORIES_GGUF, d / "q4_1.gguf", "Q4_1")
     else:
         src = stories_dir if kind == "f32" else make_model("llama-gqa-llama3", d / "hf")[0]
     det = mode == "deterministic"

@@ -8,8 +8,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf_util import copy_gguf
+from gguf_util import requantized
 from paths import SHARED_MODELS
 from server_util import Server
 
@@ -31,9 +30,7 @@ def server(request, tmp_path_factory):
     if not STORIES_GGUF.is_file():
         pytest.skip("shared/models/stories260K is absent")
     d = tmp_path_factory.mktemp("repro")
-    names = {x.name for x in GGUFReader(str(STORIES_GGUF)).tensors if len(x.shape) == 2 and x.shape[0] % 32 == 0}
-    src = copy_gguf(STORIES_GGUF, d / "q4_1.gguf", retype=dict.fromkeys(names, GGMLQuantizationType.Q4_1))
-    plan = compile_model(src, d / "plan", progress=False)
+    plan = compile_model(requantized(STORIES_GGUF, d / "q4_1.gguf", "Q4_1"), d / "plan", progress=False)
     s = Server(plan, d, "--max-num-seqs", "32", "--model-name", "stories", "--reproducible", request.param)
     s.mode = request.param
     yield s
