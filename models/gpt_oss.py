@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .llama import linear, rope_attrs
+from .llama import decoder, linear, rope_attrs
 
 ARCHITECTURES = ("GptOssForCausalLM",)
 
@@ -176,21 +176,6 @@ def moe(b, cfg: Config, x, p: str):
 
 
 def build(cfg: Config, b) -> None:
-    """The forward entry: logits[R, V] for rows `logit_rows` of the flattened token batch."""
-    D, V, eps = cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps
-    ids = b.input("input_ids", ("T",), "int32")
-    pos = b.input("positions", ("T",), "int32")
-    sid = b.input("seq_ids", ("T",), "int32")
-    rows = b.input("logit_rows", ("R",), "int32")
-    embed = b.param("model.embed_tokens.weight", (V, D))
-    x = b.embedding(ids, embed, dtype="float32")                                            # (T, D)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        h = b.rms_norm(x, b.param(p + "input_layernorm.weight", (D,)), eps=eps)
-        x = b.add(x, attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]))
-        h = b.rms_norm(x, b.param(p + "post_attention_layernorm.weight", (D,)), eps=eps)
-        x = b.add(x, moe(b, cfg, h, p + "mlp."))                                            # (T, D)
-    x = b.take_rows(x, rows)                                                                # (R, D)
-    x = b.rms_norm(x, b.param("model.norm.weight", (D,)), eps=eps)
-    head = embed if cfg.tie_word_embeddings else b.param("lm_head.weight", (V, D))
-    b.output("logits", b.linear(x, head))                                                   # (R, V)
+    """The forward entry (llama.decoder) with GPT-OSS's attention (sinks, windows) and MoE block."""
+    decoder(cfg, b, lambda h, pos, sid, p, i: attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]),
+            lambda h, p, i: moe(b, cfg, h, p + "mlp."))

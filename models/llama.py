@@ -179,9 +179,12 @@ def mlp(b, cfg: Config, x, p: str):
     return linear(b, b.mul(act, u), p + "down_proj", F, D, cfg.mlp_bias)    # (T, D)
 
 
-def build(cfg: Config, b) -> None:
-    """The forward entry: logits[R, V] for rows `logit_rows` of the flattened batch."""
-    D, V = cfg.hidden_size, cfg.vocab_size
+def decoder(cfg, b, attn, ffn) -> None:
+    """The forward entry of a pre-norm decoder: logits[R, V] for rows `logit_rows` of the flattened
+    batch. Per layer i (weight prefix p = "model.layers.{i}."), x += attn(h, pos, sid, p, i) and then
+    x += ffn(h, p, i), each h the RMSNorm of x; the families with other attention or feed-forward
+    blocks (Mixtral, GPT-OSS, DeepSeek-V3) pass their own."""
+    D, V, eps = cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps
     ids = b.input("input_ids", ("T",), "int32")
     pos = b.input("positions", ("T",), "int32")
     sid = b.input("seq_ids", ("T",), "int32")
@@ -190,11 +193,16 @@ def build(cfg: Config, b) -> None:
     x = b.embedding(ids, embed, dtype="float32")                              # (T, D)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        h = b.rms_norm(x, b.param(p + "input_layernorm.weight", (D,)), eps=cfg.rms_norm_eps)
-        x = b.add(x, attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]))
-        h = b.rms_norm(x, b.param(p + "post_attention_layernorm.weight", (D,)), eps=cfg.rms_norm_eps)
-        x = b.add(x, mlp(b, cfg, h, p + "mlp."))
+        h = b.rms_norm(x, b.param(p + "input_layernorm.weight", (D,)), eps=eps)
+        x = b.add(x, attn(h, pos, sid, p, i))
+        h = b.rms_norm(x, b.param(p + "post_attention_layernorm.weight", (D,)), eps=eps)
+        x = b.add(x, ffn(h, p, i))                                            # (T, D)
     x = b.take_rows(x, rows)                                                  # (R, D)
-    x = b.rms_norm(x, b.param("model.norm.weight", (D,)), eps=cfg.rms_norm_eps)
+    x = b.rms_norm(x, b.param("model.norm.weight", (D,)), eps=eps)
     head = embed if cfg.tie_word_embeddings else b.param("lm_head.weight", (V, D))
     b.output("logits", b.linear(x, head))                                     # (R, V)
+
+
+def build(cfg: Config, b) -> None:
+    decoder(cfg, b, lambda h, pos, sid, p, i: attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]),
+            lambda h, p, i: mlp(b, cfg, h, p + "mlp."))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .llama import Config as LlamaConfig
 from .llama import attention, mlp
+from .llama import decoder as llama_decoder
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 
@@ -89,24 +90,14 @@ def moe(b, cfg: Config, x, p: str, names=MOE_WEIGHTS):
 
 
 def decoder(cfg: Config, b, names=MOE_WEIGHTS) -> None:
-    """The forward entry: logits[R, V] for rows `logit_rows` of the flattened token batch."""
-    D, V, eps = cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps
-    ids = b.input("input_ids", ("T",), "int32")
-    pos = b.input("positions", ("T",), "int32")
-    sid = b.input("seq_ids", ("T",), "int32")
-    rows = b.input("logit_rows", ("R",), "int32")
-    embed = b.param("model.embed_tokens.weight", (V, D))
-    x = b.embedding(ids, embed, dtype="float32")                                          # (T, D)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        h = b.rms_norm(x, b.param(p + "input_layernorm.weight", (D,)), eps=eps)
-        x = b.add(x, attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i]))
-        h = b.rms_norm(x, b.param(p + "post_attention_layernorm.weight", (D,)), eps=eps)
-        x = b.add(x, moe(b, cfg, h, p, names) if cfg.moe_layers[i] else mlp(b, cfg, h, p + "mlp."))   # (T, D)
-    x = b.take_rows(x, rows)                                                              # (R, D)
-    x = b.rms_norm(x, b.param("model.norm.weight", (D,)), eps=eps)
-    head = embed if cfg.tie_word_embeddings else b.param("lm_head.weight", (V, D))
-    b.output("logits", b.linear(x, head))                                                 # (R, V)
+    """The forward entry (llama.decoder) with a sparse MoE block in the layers cfg.moe_layers marks."""
+    def attn(h, pos, sid, p, i):
+        return attention(b, cfg, h, pos, sid, p + "self_attn.", cfg.sliding_windows[i])
+
+    def ffn(h, p, i):
+        return moe(b, cfg, h, p, names) if cfg.moe_layers[i] else mlp(b, cfg, h, p + "mlp.")
+
+    llama_decoder(cfg, b, attn, ffn)
 
 
 def build(cfg: Config, b) -> None:
