@@ -41,6 +41,26 @@ static inline void axpy(float* y, float a, const XT* x, int64_t n) {
     for (; i < n; i++) y[i] += a * ld(x[i]);
 }
 
+// one page of the online softmax: s[0:PSV] (a page's scores, -inf where no slot) becomes
+// e^(s - m') with m' = max(m, max s); the running sum l and max m move on to m', and the return value
+// e^(m - m') is what the output accumulator must be multiplied by
+template <int64_t PSV>
+static inline float softmax_page(float* s, float& m, float& l) {
+    vf mv = vset(-INFINITY);
+    for (int64_t jj = 0; jj < PSV; jj += VW) mv = vmax(mv, vload(s + jj));
+    const float mn = fmaxf(m, hmax(mv));
+    const float corr = expf(m - mn);   // 0 on the first page (m = -inf)
+    vf sum = vzero();
+    for (int64_t jj = 0; jj < PSV; jj += VW) {
+        const vf e = vexp(vload(s + jj) - mn);
+        vstore(s + jj, e);
+        sum += e;
+    }
+    l = l * corr + hsum(sum);
+    m = mn;
+    return corr;
+}
+
 // what the output (acc / l) is multiplied by once a sink logit joins the denominator: the running
 // max m becomes max(m, sink), so acc and l rescale by e^(m - m'), and l gains e^(sink - m')
 static inline float sink_scale(float m, float l, const float* sinks, int64_t h) {
@@ -76,18 +96,7 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
                 for (int64_t j = a; j <= b; j++)
                     s[g][j - pg * PS] = dot<CT>(qg + g * D, kc + ((base + j % PS) * HKV + kvh) * D, D) * scale;
                 if constexpr (SOFTCAP) softcap_row(&s[g][a - pg * PS], b - a + 1, softcap);
-                vf mv = vset(-INFINITY);
-                for (int64_t jj = 0; jj < PSV; jj += VW) mv = vmax(mv, vload(&s[g][jj]));
-                const float mn = fmaxf(m[g], hmax(mv));
-                const float corr = expf(m[g] - mn);   // 0 on the first page (m = -inf)
-                vf sum = vzero();
-                for (int64_t jj = 0; jj < PSV; jj += VW) {
-                    const vf e = vexp(vload(&s[g][jj]) - mn);
-                    vstore(&s[g][jj], e);
-                    sum += e;
-                }
-                l[g] = l[g] * corr + hsum(sum);
-                m[g] = mn;
+                const float corr = softmax_page<PSV>(s[g], m[g], l[g]);
                 for (int64_t i = 0; i < D; i++) acc[g][i] *= corr;
             }
             for (int64_t j = a; j <= b; j++) {

@@ -69,18 +69,7 @@ static void k_paged_latent_attention(int ith, int nth, const float* ql, const fl
                     const CT* row = rows + (j - pg * PS) * (C + R);
                     s[g][j - pg * PS] = (dot<CT>(qa, row, C) + dot<CT>(qb, row + C, R)) * scale;
                 }
-                vf mv = vset(-INFINITY);
-                for (int64_t jj = 0; jj < PSV; jj += VW) mv = vmax(mv, vload(&s[g][jj]));
-                const float mn = fmaxf(m[g], hmax(mv));
-                const float corr = expf(m[g] - mn);   // 0 on the first page (m = -inf)
-                vf sum = vzero();
-                for (int64_t jj = 0; jj < PSV; jj += VW) {
-                    const vf e = vexp(vload(&s[g][jj]) - mn);
-                    vstore(&s[g][jj], e);
-                    sum += e;
-                }
-                l[g] = l[g] * corr + hsum(sum);
-                m[g] = mn;
+                const float corr = softmax_page<PSV>(s[g], m[g], l[g]);
                 for (int64_t i = 0; i < C; i++) acc[g][i] *= corr;
             }
             for (int64_t j = pg * PS; j <= b; j++) {
