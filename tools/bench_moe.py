@@ -3,6 +3,7 @@
 
   python tools/bench_moe.py [--layers N] [--hidden 1024] [--experts 8] [--top-k 2] [--moe-width 2048]
                             [--dtype bfloat16] [--gen 32] [--reps 3] [--rounds 2] [--threads N] [--work DIR]
+                            [--target avx2|avx512|...] [--no-llamacpp]
 
 Builds two random-weight models with transformers and saves them as Hugging Face folders: a
 Mixtral (E experts of width F, top-k routing) and a Llama with the same attention whose MLP is
@@ -13,6 +14,13 @@ shared machine hits both alike (the best round of each counts). Printed: both ra
 parameters, and MoE decode time / dense decode time. If a decode step read every expert, the
 ratio would approach E / k (4x for 8 experts, top-2); the issue's target is <= 1.3.
 The vocabulary is small (the bundled stories260K tokenizer's 512) so the layers dominate.
+
+The same two models also go to llama.cpp (llama-cpp-python, driven like llama-bench by
+tools/llamacpp_util.py): each is written as a BF16 GGUF of llama.cpp's `llama` architecture (the
+MoE one with its stacked `ffn_*_exps` experts, as llama.cpp's converter writes Mixtral; the
+tokenizer metadata is stories260K.gguf's from ../shared/models), and its tg rate is measured in the
+same alternation, so the table shows both engines' MoE / dense ratios and reft / llama.cpp per
+model. --no-llamacpp skips it; without llama-cpp-python or the shared file it is skipped with a note.
 
 Decode streams the weights, so the comparison only means something when neither model sits in
 the CPU's last-level cache: a 118 MB dense model on a host with a 260 MiB L3 decodes from cache,
@@ -33,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 TOKENIZER = ROOT / "reft" / "assets" / "stories260K"
+STORIES_GGUF = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.gguf"   # its tokenizer metadata
 
 
 def build(kind: str, out: Path, args) -> Path:
@@ -55,7 +65,89 @@ def build(kind: str, out: Path, args) -> Path:
     model.to(torch.bfloat16).save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / f, out / f)
+    if args.llamacpp:
+        write_gguf(out, cfg, out / "model.gguf")
     return out
+
+
+def write_gguf(folder: Path, cfg, path: Path) -> Path:
+    """The checkpoint in `folder` (bfloat16, the names save_pretrained writes) as a BF16 GGUF of
+    llama.cpp's `llama` architecture: q/k rows in llama.cpp's interleaved rotary order, Mixtral's
+    experts stacked into ffn_{gate,up,down}_exps, norm weights in float32."""
+    import numpy as np
+    import torch
+    from bench_models import gguf_name, permute_for_llamacpp
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from safetensors.torch import load_file
+
+    def bf16(t: torch.Tensor) -> np.ndarray:   # the bfloat16 bits, exactly
+        return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(32)   # LLAMA_FTYPE_MOSTLY_BF16
+    moe = hasattr(cfg, "num_local_experts")
+    if moe:
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    for key, field in GGUFReader(str(STORIES_GGUF)).fields.items():
+        if key.startswith("tokenizer."):
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    for name, t in load_file(folder / "model.safetensors").items():
+        if ".block_sparse_moe." in name:   # model.layers.{i}.block_sparse_moe.(gate | experts.{e}.w{1,2,3}).weight
+            parts = name.split(".")
+            i = int(parts[2])
+            if parts[4] == "gate":
+                w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", bf16(t), raw_dtype=GGMLQuantizationType.BF16)
+            else:
+                experts.setdefault((i, parts[6]), {})[int(parts[5])] = bf16(t)
+            continue
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            t = torch.from_numpy(permute_for_llamacpp(t.detach().float().numpy(), heads))
+        if t.ndim == 1:   # norm weights stay float32, as llama.cpp's converter writes them
+            w.add_tensor(gguf_name(name), t.float().numpy())
+        else:
+            w.add_tensor(gguf_name(name), bf16(t), raw_dtype=GGMLQuantizationType.BF16)
+    for (i, which), per_expert in sorted(experts.items()):
+        stacked = np.stack([per_expert[e] for e in range(len(per_expert))])
+        kind = {"w1": "gate", "w3": "up", "w2": "down"}[which]
+        w.add_tensor(f"blk.{i}.ffn_{kind}_exps.weight", stacked, raw_dtype=GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llamacpp_info() -> str:
+    """llama.cpp's version and the instruction sets its build uses."""
+    import llamacpp_util as lc
+
+    return f"{lc.version()} ({lc.system_info().strip()})"
+
+
+def llamacpp_rate(gguf: Path, args) -> dict:
+    """llama.cpp's tgN on `gguf`, as llama-bench runs it: tokens/s mean and stddev over --reps."""
+    import llamacpp_util as lc
+
+    with lc.Model(gguf) as m:
+        ctx = m.context(n_ctx=args.gen + 64, n_threads=args.threads or 2)
+        try:
+            rates = lc.bench(ctx, n_gen=args.gen, reps=args.reps)
+        finally:
+            ctx.close()
+    mean, std = lc.mean_std(rates)
+    return {"tokens_per_s": mean, "stddev": std}
 
 
 def last_level_cache_bytes() -> int:
@@ -108,7 +200,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two benchmarks")
     p.add_argument("--threads", type=int, default=None, help="[default: reft's, the physical cores]")
     p.add_argument("--work", type=Path, default=None, help="keep the models and plans here [default: a temp dir]")
+    p.add_argument("--target", default=None, help="reft's cpu target (reftc compile --target) [default: the host's]")
+    p.add_argument("--no-llamacpp", dest="llamacpp", action="store_false", help="do not measure llama.cpp too")
     args = p.parse_args(argv)
+    if args.llamacpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except Exception as e:   # ImportError, or OSError from its shared library
+            print(f"(llama.cpp not measured: llama-cpp-python does not load: {e})")
+            args.llamacpp = False
+    if args.llamacpp and not STORIES_GGUF.is_file():
+        print(f"(llama.cpp not measured: {STORIES_GGUF} is absent)")
+        args.llamacpp = False
     llc = last_level_cache_bytes()
     if args.layers is None:
         per_layer = dense_layer_bytes(args)
@@ -124,21 +227,35 @@ def main(argv=None) -> int:
         plans = {}
         for kind in ("moe", "dense"):
             folder = build(kind, work / kind, args)
-            plans[kind] = compile_model(folder, work / f"{kind}.plan", backend="cpu", dtype=args.dtype, progress=False)
-        best: dict[str, dict] = {}
+            plans[kind] = compile_model(folder, work / f"{kind}.plan", backend="cpu", dtype=args.dtype, progress=False,
+                                        target=args.target)
+        engines = {"reft": lambda kind: decode_rate(plans[kind], args)}
+        if args.llamacpp:
+            engines["llama.cpp"] = lambda kind: llamacpp_rate(work / kind / "model.gguf", args)
+        best: dict[tuple[str, str], dict] = {}
         for _ in range(args.rounds):
             for kind in ("dense", "moe"):
-                r = decode_rate(plans[kind], args)
-                if kind not in best or r["tokens_per_s"] > best[kind]["tokens_per_s"]:
-                    best[kind] = r
+                for engine, rate in engines.items():
+                    r = rate(kind)
+                    if (engine, kind) not in best or r["tokens_per_s"] > best[engine, kind]["tokens_per_s"]:
+                        best[engine, kind] = r
         params = {k: read_manifest(plans[k])["model"]["params"] for k in plans}
-        active = params["dense"]
-        for kind, what in (("moe", f"{args.experts} experts, top-{args.top_k}"), ("dense", "active-size MLP")):
-            r = best[kind]
-            print(f"{kind:5} ({what}): {params[kind] / 1e6:7.1f} M params, tg{args.gen} {r['tokens_per_s']:7.2f}"
-                  f" ± {r['stddev']:.2f} t/s, {r['threads']} threads, {args.dtype}")
-        ratio = best["dense"]["tokens_per_s"] / best["moe"]["tokens_per_s"]
-        print(f"decode time MoE / dense: {ratio:.2f}x (total / active parameters: {params['moe'] / active:.2f}x;"
+        threads = args.threads or best["reft", "dense"].get("threads")
+        target = read_manifest(plans["moe"])["backend"]["target"]
+        print(f"reft target {target}" + (f"; llama.cpp {llamacpp_info()}" if args.llamacpp else ""))
+        print(f"{params['moe'] / 1e6:.1f} M params MoE ({args.experts} experts, top-{args.top_k}), {params['dense'] / 1e6:.1f} M"
+              f" dense (active-size MLP); {args.dtype}, {threads} threads, tg{args.gen}, best of {args.rounds} rounds")
+        print("| engine | MoE t/s | dense t/s | MoE / dense decode time |\n|---|---:|---:|---:|")
+        for engine in engines:
+            m, d = best[engine, "moe"], best[engine, "dense"]
+            print(f"| {engine} | {m['tokens_per_s']:.2f} ± {m['stddev']:.2f} | {d['tokens_per_s']:.2f} ± {d['stddev']:.2f}"
+                  f" | {d['tokens_per_s'] / m['tokens_per_s']:.2f}x |")
+        if args.llamacpp:
+            print("reft / llama.cpp: " + ", ".join(
+                f"{kind} {best['reft', kind]['tokens_per_s'] / best['llama.cpp', kind]['tokens_per_s']:.2f}x"
+                for kind in ("moe", "dense")))
+        ratio = best["reft", "dense"]["tokens_per_s"] / best["reft", "moe"]["tokens_per_s"]
+        print(f"decode time MoE / dense (reft): {ratio:.2f}x (total / active parameters: {params['moe'] / params['dense']:.2f}x;"
               f" target <= 1.3x)")
     finally:
         if args.work is None:
