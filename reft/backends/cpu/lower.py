@@ -103,6 +103,7 @@ class Lowering:
         self.scratch = 64
         self.headers: list[str] = []
         self._const_ids: dict[tuple, str] = {}
+        self._users: dict[int, list[Node]] | None = None
         # weights shared with other entry points of the plan are laid out for all of them (choose_layouts)
         self.layouts = choose_layouts([graph]) if layouts is None else {
             k: v for k, v in layouts.items() if k in set(self.params)}
@@ -138,6 +139,12 @@ class Lowering:
 
     def out(self, v: Value) -> str:
         return self.ptr(v, const=False)
+
+    def used(self, v: Value) -> bool:
+        """Whether a node or an output of the graph reads v."""
+        if self._users is None:
+            self._users = self.g.users()
+        return id(v) in self._users or any(o is v for o in self.g.outputs.values())
 
     def const_array(self, values, prefix: str) -> str:
         key = tuple(float(x) for x in values)
@@ -532,6 +539,8 @@ class Lowering:
         D, part = n.inputs[1].shape[1], self.max_tokens * n.inputs[1].shape[1]
         self.need_scratch(part + CE_ROWS * CE_VOCAB + CE_VOCAB * D)
         dx, dhead = (self.out(o) for o in n.outputs)
+        if not self.used(n.outputs[1]):   # a frozen head: no dhead sgemm
+            dhead = "(float*)0"
         self.emit("k_linear_cross_entropy_grad", targs, [*args, self.ptr(scale), self.ptr(lse), dloss, dhead, "scr",
                                                          f"scr + {part}", *cap], comment="dhead, shares of dx")
         # the shares sit at the start of every thread's scratch, reft_scratch_floats() apart

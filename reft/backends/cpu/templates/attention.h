@@ -112,7 +112,54 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
     }
 }
 
-// causal attention among the rows of the batch (no cache)
+// ---- causal attention among the rows of a batch (no cache): training and eval_loss ----
+// A row's visible rows are listed once (partner_rows) and shared by its H heads; each (row, head)
+// then takes its scores as one vector row (score_row), their max, their exponentials as vectors
+// (exp_row) and the V rows weighted by them. Buffers hold a multiple of VW floats: the tail past n
+// is -inf, so whole vectors of e^(s - m) give 0 there.
+
+// the rows of the batch that row r sees as a query (KEYS = true: same sequence, pos <= pos[r], inside
+// the window), or that see row r as a key (KEYS = false), in order, into idx; their count
+template <bool KEYS, typename IT>
+static inline int64_t partner_rows(const IT* pos, const IT* sid, int64_t T, int64_t r, int64_t window, int32_t* idx) {
+    int64_t n = 0;
+    for (int64_t o = 0; o < T; o++) {
+        const int64_t pq = (int64_t)pos[KEYS ? r : o], pk = (int64_t)pos[KEYS ? o : r];
+        if (sid[o] == sid[r] && pk <= pq && !(window > 0 && pq - pk >= window)) idx[n++] = (int32_t)o;
+    }
+    return n;
+}
+static inline int64_t vpad(int64_t n) { return (n + VW - 1) / VW * VW; }
+// s[n : vpad(n)] = -inf; the max of s[0:n] (-inf for none)
+static inline float pad_max(float* s, int64_t n) {
+    for (int64_t j = n; j < vpad(n); j++) s[j] = -INFINITY;
+    vf m = vset(-INFINITY);
+    for (int64_t j = 0; j < n; j += VW) m = vmax(m, vload(s + j));
+    return hmax(m);
+}
+// s[0:n] = e^(s - m) (s padded by pad_max); their sum
+static inline float exp_row(float* s, int64_t n, float m) {
+    vf acc = vzero();
+    for (int64_t j = 0; j < n; j += VW) {
+        const vf e = vexp(vload(s + j) - m);
+        vstore(s + j, e);
+        acc += e;
+    }
+    return hsum(acc);
+}
+// s[j] = scale * (qr . row idx[j] of the KV head kvh), soft-capped with SOFTCAP (and slope[j] =
+// d(capped) / d(uncapped) = 1 - tanh^2 if slope is given)
+template <typename XT, int64_t HKV, int64_t D, bool SOFTCAP>
+static inline void score_row(const float* qr, const XT* k, int64_t kvh, const int32_t* idx, int64_t n, float scale,
+                             float softcap, float* s, float* slope = nullptr) {
+    for (int64_t j = 0; j < n; j++) s[j] = dot<XT>(qr, k + ((int64_t)idx[j] * HKV + kvh) * D, D) * scale;
+    if constexpr (SOFTCAP) {
+        softcap_row(s, n, softcap);
+        if (slope)
+            for (int64_t j = 0; j < n; j++) slope[j] = 1.f - (s[j] / softcap) * (s[j] / softcap);
+    }
+}
+
 template <typename XT, typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const XT* v, const IT* pos,
                                const IT* sid, int64_t T, float scale, int64_t window, XT* out, float softcap = 0.f,
@@ -120,30 +167,22 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
     const int64_t G = H / HKV;
     int64_t w0, w1;
     split_range(T * H, ith, nth, 1, &w0, &w1);
+    std::vector<int32_t> idx(T);
+    std::vector<float> sbuf(vpad(T));
+    float* s = sbuf.data();
     float qv[D], acc[D];
+    int64_t listed = -1, n = 0;
     for (int64_t w = w0; w < w1; w++) {
-        const int64_t t = w / H, h = w % H, kvh = h / G, p = (int64_t)pos[t];
+        const int64_t t = w / H, h = w % H, kvh = h / G;
+        if (t != listed) {
+            n = partner_rows<true>(pos, sid, T, t, window, idx.data());
+            listed = t;
+        }
         for (int64_t i = 0; i < D; i++) { qv[i] = ld(q[(t * H + h) * D + i]); acc[i] = 0.f; }
-        float m = -INFINITY, l = 0.f;
-        for (int64_t u = 0; u < T; u++) {
-            int64_t pu = (int64_t)pos[u];
-            if (sid[u] != sid[t] || pu > p || (window > 0 && p - pu >= window)) continue;
-            float s = dot<XT>(qv, k + (u * HKV + kvh) * D, D) * scale, corr = 1.f;
-            if constexpr (SOFTCAP) s = softcap * tanhf(s / softcap);
-            if (s > m) {
-                corr = expf(m - s);
-                l *= corr;
-                m = s;
-            }
-            float e = expf(s - m);
-            l += e;
-            rescale_axpy<XT>(acc, corr, e, v + (u * HKV + kvh) * D, D);
-        }
-        if (sinks) {
-            const float inv = sink_scale(m, l, sinks, h);
-            for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] * inv);
-        } else {
-            for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] / l);
-        }
+        score_row<XT, HKV, D, SOFTCAP>(qv, k, kvh, idx.data(), n, scale, softcap, s);
+        const float m = pad_max(s, n), l = exp_row(s, n, m);
+        for (int64_t j = 0; j < n; j++) axpy<XT>(acc, s[j], v + ((int64_t)idx[j] * HKV + kvh) * D, D);
+        const float inv = sink_scale(m, l, sinks, h);
+        for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] * inv);
     }
 }

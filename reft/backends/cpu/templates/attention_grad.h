@@ -10,23 +10,9 @@
 // window); rows of a sequence may be anywhere in the batch. SOFTCAP: the scores were soft-capped,
 // c tanh(s / c), and dS carries the factor 1 - tanh^2.
 
-template <typename IT>
-static inline bool sees(const IT* pos, const IT* sid, int64_t t, int64_t u, int64_t window) {
-    const int64_t p = (int64_t)pos[t], pu = (int64_t)pos[u];
-    return sid[u] == sid[t] && pu <= p && !(window > 0 && p - pu >= window);
-}
-
-// the score of q . k and its d(score)/d(q . k * scale): 1, or 1 - tanh^2 when soft-capped
-template <bool SOFTCAP>
-static inline float capped(float s, float softcap, float* slope) {
-    if constexpr (SOFTCAP) {
-        const float t = tanhf(s / softcap);
-        *slope = 1.f - t * t;
-        return softcap * t;
-    }
-    *slope = 1.f;
-    return s;
-}
+// Both kernels list a row's partners once (partner_rows in attention.h) and take each (row, head)'s
+// scores as one vector row (score_row in attention.h) with vector exponentials, then the dot
+// products with dout and the axpys.
 
 template <typename IT, int64_t H, int64_t HKV, int64_t D, bool SOFTCAP = false>
 static void k_attention_grad_q(int ith, int nth, const float* dout, const float* q, const float* k, const float* v,
@@ -37,33 +23,32 @@ static void k_attention_grad_q(int ith, int nth, const float* dout, const float*
     float* delta = stats + T * H; // [T, H]
     int64_t w0, w1;
     split_range(T * H, ith, nth, 1, &w0, &w1);
+    std::vector<int32_t> idx(T);
+    std::vector<float> buf(3 * vpad(T));
+    float *s = buf.data(), *e = s + vpad(T), *slope = e + vpad(T);
     float acc[D];
+    int64_t listed = -1, n = 0;
     for (int64_t w = w0; w < w1; w++) {
         const int64_t t = w / H, h = w % H, kvh = h / G;
+        if (t != listed) {
+            n = partner_rows<true>(pos, sid, T, t, window, idx.data());
+            listed = t;
+        }
         const float* qr = q + w * D;
         const float* dor = dout + w * D;
-        float m = -INFINITY, l = 0.f;
-        for (int64_t u = 0; u < T; u++) {
-            if (!sees(pos, sid, t, u, window)) continue;
-            float slope;
-            const float s = capped<SOFTCAP>(dot<float>(qr, k + (u * HKV + kvh) * D, D) * scale, softcap, &slope);
-            if (s > m) {
-                l *= expf(m - s);
-                m = s;
-            }
-            l += expf(s - m);
-        }
-        const float L = m + logf(l), dlt = dot<float>(dor, out + w * D, D);
+        score_row<float, HKV, D, SOFTCAP>(qr, k, kvh, idx.data(), n, scale, softcap, s, slope);
+        const float m = pad_max(s, n);
+        memcpy(e, s, vpad(n) * sizeof(float));
+        const float L = m + logf(exp_row(e, n, m)), dlt = dot<float>(dor, out + w * D, D);
         lse[w] = L;
         delta[w] = dlt;
+        exp_row(s, n, L);   // the probabilities
         for (int64_t i = 0; i < D; i++) acc[i] = 0.f;
-        for (int64_t u = 0; u < T; u++) {
-            if (!sees(pos, sid, t, u, window)) continue;
-            const float* kr = k + (u * HKV + kvh) * D;
-            float slope;
-            const float p = expf(capped<SOFTCAP>(dot<float>(qr, kr, D) * scale, softcap, &slope) - L);
-            const float ds = p * (dot<float>(dor, v + (u * HKV + kvh) * D, D) - dlt) * slope;
-            axpy<float>(acc, ds * scale, kr, D);
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t r = ((int64_t)idx[j] * HKV + kvh) * D;
+            float ds = s[j] * (dot<float>(dor, v + r, D) - dlt) * scale;
+            if constexpr (SOFTCAP) ds *= slope[j];
+            axpy<float>(acc, ds, k + r, D);
         }
         memcpy(dq + w * D, acc, D * sizeof(float));
     }
@@ -78,25 +63,43 @@ static void k_attention_grad_kv(int ith, int nth, const float* dout, const float
     const float* delta = stats + T * H;
     int64_t w0, w1;
     split_range(T * HKV, ith, nth, 1, &w0, &w1);
+    std::vector<int32_t> idx(T);
+    std::vector<float> buf(2 * vpad(T * G));
+    float *p = buf.data(), *slope = p + vpad(T * G);
     float ak[D], av[D];
+    int64_t listed = -1, n = 0;
     for (int64_t w = w0; w < w1; w++) {
         const int64_t u = w / HKV, kvh = w % HKV;
+        if (u != listed) {
+            n = partner_rows<false>(pos, sid, T, u, window, idx.data());
+            listed = u;
+        }
         const float* kr = k + w * D;
         const float* vr = v + w * D;
-        for (int64_t i = 0; i < D; i++) ak[i] = av[i] = 0.f;
-        for (int64_t t = 0; t < T; t++) {
-            if (!sees(pos, sid, t, u, window)) continue;
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t qh = t * H + kvh * G + g;
-                const float* qr = q + qh * D;
-                const float* dor = dout + qh * D;
-                float slope;
-                const float p = expf(capped<SOFTCAP>(dot<float>(qr, kr, D) * scale, softcap, &slope) - lse[qh]);
-                const float ds = p * (dot<float>(dor, vr, D) - delta[qh]) * slope;
-                axpy<float>(ak, ds * scale, qr, D);
-                axpy<float>(av, p, dor, D);
-            }
+        // scores of the (query row, head of the group) pairs, j * G + g, then e^(s - lse)
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t g = 0; g < G; g++)
+                p[j * G + g] = dot<float>(q + ((int64_t)idx[j] * H + kvh * G + g) * D, kr, D) * scale;
+        const int64_t ng = n * G;
+        if constexpr (SOFTCAP) {
+            softcap_row(p, ng, softcap);
+            for (int64_t j = 0; j < ng; j++) slope[j] = 1.f - (p[j] / softcap) * (p[j] / softcap);
         }
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t g = 0; g < G; g++) p[j * G + g] -= lse[(int64_t)idx[j] * H + kvh * G + g];
+        pad_max(p, ng);
+        exp_row(p, ng, 0.f);
+        for (int64_t i = 0; i < D; i++) ak[i] = av[i] = 0.f;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t qh = (int64_t)idx[j] * H + kvh * G + g;
+                const float* dor = dout + qh * D;
+                const float pr = p[j * G + g];
+                float ds = pr * (dot<float>(dor, vr, D) - delta[qh]) * scale;
+                if constexpr (SOFTCAP) ds *= slope[j * G + g];
+                axpy<float>(ak, ds, q + qh * D, D);
+                axpy<float>(av, pr, dor, D);
+            }
         memcpy(dk + w * D, ak, D * sizeof(float));
         memcpy(dv + w * D, av, D * sizeof(float));
     }

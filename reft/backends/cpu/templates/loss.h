@@ -90,7 +90,8 @@ static void k_cross_entropy_sum(int ith, int nth, const float* nll, int64_t T, c
 }
 
 // dhead[V, D] and each thread's share of dx in part = its own scratch [T, D]; work: per-thread
-// [CR * CVB + CVB * D] after part. dloss may be null (1).
+// [CR * CVB + CVB * D] after part. dloss may be null (1); dhead may be null (a frozen head: LoRA and
+// freeze fine-tuning read only dx).
 template <typename WT, typename IT, int64_t CR, int64_t CVB, bool CAP = false>
 static void k_linear_cross_entropy_grad(int ith, int nth, const float* x, int64_t T, int64_t D, const WT* head,
                                         int64_t V, const IT* targets, int64_t ignore, const float* scale,
@@ -102,7 +103,7 @@ static void k_linear_cross_entropy_grad(int ith, int nth, const float* x, int64_
     float* z = work;                 // [CR, CVB]
     float* buf = z + CR * CVB;       // [CVB, D]
     if (v0 >= v1 || T == 0) memset(part, 0, T * D * sizeof(float));
-    if (T == 0 && v1 > v0) memset(dhead + v0 * D, 0, (v1 - v0) * D * sizeof(float));
+    if (T == 0 && v1 > v0 && dhead) memset(dhead + v0 * D, 0, (v1 - v0) * D * sizeof(float));
     for (int64_t vb = v0; vb < v1 && T > 0; vb += CVB) {
         const int64_t nv = v1 - vb < CVB ? v1 - vb : CVB;
         const float* w = head_rows<WT>(head, D, vb, nv, buf);
@@ -132,7 +133,7 @@ static void k_linear_cross_entropy_grad(int ith, int nth, const float* x, int64_
                 VLOOP(nv, vstore(zr + j, vexp(vload(zr + j) - L) * G), zr[j] = expf(zr[j] - L) * G);
                 if (tg >= vb && tg < vb + nv) zr[tg - vb] -= G;
             }
-            sgemm_ex(true, false, nv, D, n, z, nv, x + c * D, D, c > 0 ? 1.f : 0.f, dhead + vb * D, D);
+            if (dhead) sgemm_ex(true, false, nv, D, n, z, nv, x + c * D, D, c > 0 ? 1.f : 0.f, dhead + vb * D, D);
             sgemm_ex(false, false, n, D, nv, z, nv, w, D, vb > v0 ? 1.f : 0.f, part + c * D, D);
         }
     }
