@@ -1,6 +1,6 @@
 """The cpu kernels on quantized weights against the reference backend (which dequantizes with
 reft.quant's numpy formats): linear, linear_glu, qkv_rope and embedding for every quantized
-dtype, at decode (GEMV) and prompt (dequantize + sgemm) batch sizes.
+dtype, at decode (GEMV) and prompt (integer GEMM or dequantize + sgemm) batch sizes.
 
 One graph holds every case (one compile); hypothesis draws the batch size and the activations.
 Weights are random but valid blocks (any codes, finite float16 scales) or, for reft's own
@@ -85,6 +85,13 @@ def compiled(request, tmp_path_factory):
 @given(T=st.sampled_from([1, 2, 3, 4, 5, 7, 16, 17]), seed=st.integers(0, 2**31 - 1))
 def test_quantized_kernels_match_reference(compiled, T, seed):
     check_step(*compiled, T, seed)
+
+
+@pytest.mark.parametrize("T", [17, 30, 32])
+def test_prompt_batches_match_reference(compiled, T):
+    """Batches past QGEMV_MAX_T take the prompt path (the integer GEMM for llama.cpp's types on
+    avx2, dequantized rows and the sgemm elsewhere), with token counts that leave every tile tail."""
+    check_step(*compiled, T, 1000 + T)
 
 
 def check_step(graph, weights, xs, exe, T, seed):

@@ -6,7 +6,8 @@
 // streams the bytes once and multiplies each block with up to 4 token rows of x: llama.cpp's types
 // as integer dot products with x rounded to int16 (quantize_act), reft's weight-only int8/int4 with
 // the codes widened to float32 (sum of m * x comes from per-block sums of x computed once per
-// call). Prompt batches dequantize chunks of rows to float32 for the sgemm.
+// call). Prompt batches on llama.cpp's types take an integer GEMM on AVX2 (qigemm, below); other
+// targets and formats dequantize chunks of rows to float32 for the sgemm.
 
 struct q8_0_t {}; struct q4_0_t {}; struct q4_1_t {}; struct q5_0_t {}; struct q5_1_t {};
 struct q4_k_t {}; struct q5_k_t {}; struct q6_k_t {};
@@ -435,9 +436,9 @@ static inline void blk_f32(const Blk32& b, float* out) {
     for (int i = 0; i < NSV; i++) vwiden16(b.q[i], w[2 * i], w[2 * i + 1]);
     for (int i = 0; i < NQV; i++) vstore(out + i * VW, vfma(w[i], vset(i * VW < 16 ? b.s0 : b.s1), vset(b.m)));
 }
-// out[0:K] = row of W as float32
-template <typename QT>
-static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
+// f(j, b) for every 32-value block j of a row, decoded with its scales and offset
+template <typename QT, typename Fn>
+static inline void row_blocks(const uint8_t* wr, int64_t K, Fn f) {
     using F = QF<QT>;
     if constexpr (F::SUB == 8) {
         for (int64_t g = 0; g < K / 256; g++) {
@@ -451,7 +452,7 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
                     b[k].s0 = s0[q + k];
                     b[k].s1 = s1[q + k];
                     b[k].m = m[q + k];
-                    blk_f32(b[k], out + 256 * g + 32 * (q + k));
+                    f(8 * g + q + k, b[k]);
                 }
             }
         }
@@ -459,7 +460,135 @@ static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
         for (int64_t j = 0; j < K / 32; j++) {
             Blk32 b;
             qblock<QT>(wr, j, b);
-            blk_f32(b, out + 32 * j);
+            f(j, b);
+        }
+    }
+}
+// out[0:K] = row of W as float32
+template <typename QT>
+static void qrow_f32(const uint8_t* wr, int64_t K, float* out) {
+    row_blocks<QT>(wr, K, [&](int64_t j, const Blk32& b) { blk_f32(b, out + 32 * j); });
+}
+
+// -- integer prompt GEMM (x86-64-v3: vpmaddwd) -------------------------------------------------------
+// Prompt batches on llama.cpp's types (QF<T>::AQ) multiply the same int16 activation codes as
+// decode (quantize_act) with the weights' int16 codes: pair products summed in int32 over a block
+// (over 16 values for two-scale formats), then one float32 scaling per block, block scale x
+// activation scale, and the offsets' sums as in qgemv_aq. vpmaddwd takes 2 VW multiply-adds per
+// instruction where a float32 FMA takes VW, so this beats dequantizing to float32 for the sgemm
+// (llama-1b Q4_K_M, 512-token prompt: see docs/benchmarks.md). Products are exact and the block
+// sums cannot overflow (|code| <= 128, |activation code| <= 32767, 32 values: < 2^28), so only the float
+// additions of the block sums round. AVX2 only: on AVX-512 the sgemm's 512-bit FMA does as many
+// multiply-adds per cycle as vpmaddwd + vpaddd, which share its two ports (llama-1b Q4_K_M 512-token
+// prompt 12% slower there; VNNI's fused vpdpwssd would change that, but x86-64-v4 lacks it), and
+// NEON and generic have no 16-bit pair multiply-add; they keep the float32 path.
+#if defined(__AVX2__) && VW == 8
+#define QIGEMM 1
+#else
+#define QIGEMM 0
+#endif
+#define PR (2 * VW)   // weight rows of a panel: two vectors of int32 sums
+#define QTT 4         // token rows of a tile
+
+// rows [0, n) of W as panels of PR rows (the last one padded with zero rows): pw[(panel * K / 2 +
+// pair) * PR + r] = the codes of values 2 pair and 2 pair + 1 of the panel's row r as one int32;
+// s0, s1, m [(panel * NB + block) * PR + r] = the block's scales (values 0-15, 16-31) and offset
+template <typename QT>
+static void qpanels(const uint8_t* W, int64_t K, int64_t n, int32_t* pw, float* s0, float* s1, float* m) {
+    const int64_t NB = K / 32, RBY = QF<QT>::row_bytes(K), NP = (n + PR - 1) / PR;
+    for (int64_t row = 0; row < NP * PR; row++) {
+        const int64_t pn = row / PR, r = row % PR;
+        int32_t* dst = pw + pn * (K / 2) * PR + r;
+        float* sc = s0 + pn * NB * PR + r;
+        if (row >= n) {
+            for (int64_t i = 0; i < K / 2; i++) dst[i * PR] = 0;
+            for (int64_t j = 0; j < NB; j++) sc[j * PR] = s1[sc - s0 + j * PR] = m[sc - s0 + j * PR] = 0.f;
+            continue;
+        }
+        row_blocks<QT>(W + row * RBY, K, [&](int64_t j, const Blk32& b) {
+            int32_t words[16];   // the block's 32 int16 codes as 16 pairs
+            memcpy(words, b.q, sizeof(words));
+            for (int p = 0; p < 16; p++) dst[(16 * j + p) * PR] = words[p];
+            sc[j * PR] = b.s0;
+            s1[sc - s0 + j * PR] = b.s1;
+            m[sc - s0 + j * PR] = b.m;
+        });
+    }
+}
+
+// c[t][0:PR] = activation rows t < TT (pairs xp[t * K / 2 + pair], scales dx[t * NB + j], offset sums
+// xs) . the PR rows of one panel
+template <typename QT, int TT>
+static void qigemm_tile(const int32_t* xp, const float* dx, const float* xs, int64_t K, const int32_t* pw,
+                        const float* s0, const float* s1, const float* m, float (&c)[QTT][PR]) {
+    constexpr bool TWO = two_scales<QT>;
+    constexpr int HP = TWO ? 8 : 16;   // pairs per scale
+    const int64_t NB = K / 32, KP = K / 2;
+    for (int t = 0; t < TT; t++)
+        for (int r = 0; r < PR; r++) c[t][r] = 0.f;
+    for (int64_t j = 0; j < NB; j++)
+        for (int h = 0; h < (TWO ? 2 : 1); h++) {
+            vi acc[TT][2];
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = (vi){};
+            const int64_t p0 = 16 * j + HP * h;
+            const int32_t* w = pw + p0 * PR;
+#pragma GCC unroll 4
+            for (int p = 0; p < HP; p++, w += PR) {
+                const vs w0 = vld<vs>(w), w1 = vld<vs>(w + VW);
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++) {
+                    const vs xv = (vs)((vi){} + xp[t * KP + p0 + p]);
+                    acc[t][0] += vmadd16(w0, xv);
+                    acc[t][1] += vmadd16(w1, xv);
+                }
+            }
+            const float* sc = (h ? s1 : s0) + j * PR;
+            const vf sa = vload(sc), sb = vload(sc + VW);
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++) {
+                const float d = dx[t * NB + j];
+                vstore(c[t], vfma(__builtin_convertvector(acc[t][0], vf), sa * d, vload(c[t])));
+                vstore(c[t] + VW, vfma(__builtin_convertvector(acc[t][1], vf), sb * d, vload(c[t] + VW)));
+            }
+        }
+    if constexpr (QF<QT>::MIN)
+        for (int64_t j = 0; j < NB; j++) {
+            const vf ma = vload(m + j * PR), mb = vload(m + j * PR + VW);
+            for (int t = 0; t < TT; t++) {
+                const float sx = xs[t * NB + j];
+                vstore(c[t], vfma(ma, vset(sx), vload(c[t])));
+                vstore(c[t] + VW, vfma(mb, vset(sx), vload(c[t] + VW)));
+            }
+        }
+}
+
+// y[t, 0:n] (ldy) = activations . rows [0, n) of W for all T tokens, through panels in buf (GEMM_CHUNK
+// rows at most: GEMM_CHUNK * (K / 2 + 3 * K / 32) floats)
+template <typename QT>
+static void qigemm(const int16_t* qx, const float* dx, const float* xs, int64_t T, int64_t K, const uint8_t* W,
+                   int64_t n, float* y, int64_t ldy, float* buf) {
+    const int64_t NB = K / 32, NP = (n + PR - 1) / PR, CH = NP * PR;
+    int32_t* pw = (int32_t*)buf;
+    float *s0 = buf + CH * K / 2, *s1 = s0 + CH * NB, *m = s1 + CH * NB;
+    qpanels<QT>(W, K, n, pw, s0, s1, m);
+    const int32_t* xp = (const int32_t*)qx;
+    float c[QTT][PR];
+    for (int64_t pn = 0; pn < NP; pn++) {
+        const int64_t rows = n - pn * PR < PR ? n - pn * PR : PR;
+        const int32_t* pwp = pw + pn * (K / 2) * PR;
+        const float *a = s0 + pn * NB * PR, *b = s1 + pn * NB * PR, *mm = m + pn * NB * PR;
+        for (int64_t t0 = 0; t0 < T; t0 += QTT) {
+            const int tt = T - t0 < QTT ? (int)(T - t0) : QTT;
+            const int32_t* xt = xp + t0 * (K / 2);
+            const float *dt = dx + t0 * NB, *st_ = xs + t0 * NB;
+            switch (tt) {
+                case 1: qigemm_tile<QT, 1>(xt, dt, st_, K, pwp, a, b, mm, c); break;
+                case 2: qigemm_tile<QT, 2>(xt, dt, st_, K, pwp, a, b, mm, c); break;
+                case 3: qigemm_tile<QT, 3>(xt, dt, st_, K, pwp, a, b, mm, c); break;
+                default: qigemm_tile<QT, 4>(xt, dt, st_, K, pwp, a, b, mm, c); break;
+            }
+            for (int t = 0; t < tt; t++) memcpy(y + (t0 + t) * ldy + pn * PR, c[t], rows * sizeof(float));
         }
     }
 }
@@ -511,6 +640,18 @@ static void qmatmul_rows(const float* x, int64_t T, int64_t K, const QT* Wq, int
         return;
     }
     float* wbuf = scratch;
+    if constexpr (QF<QT>::AQ && QIGEMM) {   // the same int16 activations as decode, integer GEMM
+        float *xs = scratch, *dx = xs + T * K;   // xs where the float path keeps its float32 copy
+        int16_t* qx = (int16_t*)(dx + T * NB);
+        if (!ready) quantize_act(x, T, K, qx, dx, QF<QT>::MIN ? xs : nullptr, nullptr);
+        wbuf = scratch + T * K + T * NB + T * K / 2;
+        static_assert(GEMM_CHUNK % PR == 0, "panels of a chunk must fit its float32 buffer");
+        for (int64_t c = r0; c < r1; c += GEMM_CHUNK) {
+            const int64_t n = r1 - c < GEMM_CHUNK ? r1 - c : GEMM_CHUNK;
+            qigemm<QT>(qx, dx, xs, T, K, W + c * RBY, n, y + (c - r0), ldy, wbuf);
+        }
+        return;
+    }
     if constexpr (QF<QT>::AQ) {   // the same rounded activations as decode, through the sgemm
         float *xh = scratch, *dx = xh + T * K;
         int16_t* qx = (int16_t*)(dx + T * NB);
