@@ -5,6 +5,9 @@
 // without it compile as before): scores become softcap * tanh(s / softcap) before the softmax.
 // sinks (GPT-OSS; null: none): a logit per query head that joins the softmax's denominator, folded
 // in after the keys by sink_scale.
+// Threads take the work items of an attention kernel in turn (item w goes to thread w % nth), not
+// as contiguous ranges: under a causal mask a late row sees more keys than an early one, and
+// halving a 512-token prompt gave the second of two threads 3/4 of the attention work.
 
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t HKV, int64_t D>
 static void k_kv_cache_write(int ith, int nth, CT* kc, CT* vc, const float* k, const float* v, const IT* pos,
@@ -74,11 +77,9 @@ static void k_paged_attention(int ith, int nth, const float* q, const CT* kc, co
                               const IT* sid, const PT* table, int64_t T, int64_t MP, float scale, int64_t window,
                               float* out, float softcap = 0.f, const float* sinks = nullptr) {
     constexpr int64_t G = H / HKV, PSV = (PS + VW - 1) / VW * VW;   // query heads per KV head; page in vectors
-    int64_t w0, w1;
-    split_range(T * HKV, ith, nth, 1, &w0, &w1);
     float m[G], l[G], acc[G][D];
     alignas(64) float s[G][PSV];
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * HKV; w += nth) {   // in turn (top of file)
         const int64_t t = w / HKV, kvh = w % HKV, p = (int64_t)pos[t];
         const PT* pages = table + (int64_t)sid[t] * MP;
         const float* qg = q + (t * H + kvh * G) * D;
@@ -165,14 +166,12 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
                                const IT* sid, int64_t T, float scale, int64_t window, XT* out, float softcap = 0.f,
                                const float* sinks = nullptr) {
     const int64_t G = H / HKV;
-    int64_t w0, w1;
-    split_range(T * H, ith, nth, 1, &w0, &w1);
     std::vector<int32_t> idx(T);
     std::vector<float> sbuf(vpad(T));
     float* s = sbuf.data();
     float qv[D], acc[D];
     int64_t listed = -1, n = 0;
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * H; w += nth) {   // in turn (top of file)
         const int64_t t = w / H, h = w % H, kvh = h / G;
         if (t != listed) {
             n = partner_rows<true>(pos, sid, T, t, window, idx.data());

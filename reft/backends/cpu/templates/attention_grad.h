@@ -21,14 +21,12 @@ static void k_attention_grad_q(int ith, int nth, const float* dout, const float*
     constexpr int64_t G = H / HKV;
     float* lse = stats;           // [T, H]
     float* delta = stats + T * H; // [T, H]
-    int64_t w0, w1;
-    split_range(T * H, ith, nth, 1, &w0, &w1);
     std::vector<int32_t> idx(T);
     std::vector<float> buf(3 * vpad(T));
     float *s = buf.data(), *e = s + vpad(T), *slope = e + vpad(T);
     float acc[D];
     int64_t listed = -1, n = 0;
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * H; w += nth) {   // in turn (attention.h)
         const int64_t t = w / H, h = w % H, kvh = h / G;
         if (t != listed) {
             n = partner_rows<true>(pos, sid, T, t, window, idx.data());
@@ -61,14 +59,12 @@ static void k_attention_grad_kv(int ith, int nth, const float* dout, const float
     constexpr int64_t G = H / HKV;
     const float* lse = stats;
     const float* delta = stats + T * H;
-    int64_t w0, w1;
-    split_range(T * HKV, ith, nth, 1, &w0, &w1);
     std::vector<int32_t> idx(T);
     std::vector<float> buf(2 * vpad(T * G));
     float *p = buf.data(), *slope = p + vpad(T * G);
     float ak[D], av[D];
     int64_t listed = -1, n = 0;
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * HKV; w += nth) {   // in turn (attention.h)
         const int64_t u = w / HKV, kvh = w % HKV;
         if (u != listed) {
             n = partner_rows<false>(pos, sid, T, u, window, idx.data());

@@ -46,11 +46,9 @@ static void k_paged_latent_attention(int ith, int nth, const float* ql, const fl
                                      const IT* pos, const IT* sid, const PT* table, int64_t T, int64_t MP,
                                      float scale, float* out) {
     constexpr int64_t HB = H < 16 ? H : 16, NB = (H + HB - 1) / HB, PSV = (PS + VW - 1) / VW * VW;
-    int64_t w0, w1;
-    split_range(T * NB, ith, nth, 1, &w0, &w1);
     float m[HB], l[HB], acc[HB][C];
     alignas(64) float s[HB][PSV];
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * NB; w += nth) {   // in turn (attention.h)
         const int64_t t = w / NB, h0 = (w % NB) * HB, G = H - h0 < HB ? H - h0 : HB, p = (int64_t)pos[t];
         const PT* pages = table + (int64_t)sid[t] * MP;
         for (int64_t g = 0; g < G; g++) {
@@ -90,10 +88,8 @@ static void k_paged_latent_attention(int ith, int nth, const float* ql, const fl
 template <typename IT, int64_t H, int64_t C, int64_t R>
 static void k_latent_attention(int ith, int nth, const float* ql, const float* qr, const float* lat, const float* kr,
                                const IT* pos, const IT* sid, int64_t T, float scale, float* out) {
-    int64_t w0, w1;
-    split_range(T * H, ith, nth, 1, &w0, &w1);
     float acc[C];
-    for (int64_t w = w0; w < w1; w++) {
+    for (int64_t w = ith; w < T * H; w += nth) {   // in turn (attention.h)
         const int64_t t = w / H, p = (int64_t)pos[t];
         for (int64_t i = 0; i < C; i++) acc[i] = 0.f;
         float m = -INFINITY, l = 0.f;
