@@ -68,6 +68,7 @@ class Executable(Protocol):
     def to_host(self, buffer) -> np.ndarray: ...
     def synchronize(self) -> None: ...
     def read_weights(self, names) -> dict[str, np.ndarray]: ...
+    def free_memory(self) -> int: ...   # bytes free where zeros() allocates (the KV pool's budget)
 
 
 @runtime_checkable
@@ -102,4 +103,10 @@ class HostBuffers:
 
     def synchronize(self) -> None:
         pass
+
+    @staticmethod
+    def free_memory() -> int:
+        from ..runtime.memory import host_available_memory
+
+        return host_available_memory()
 

@@ -160,7 +160,8 @@ SERVE_OPTIONS = [
                       " tokenizing; longer is a 400. [default: 32 x the plan's context length]"),
     click.option("--kv-cache-memory", default=None, metavar="SIZE",
                  help="--serve: memory for the KV-cache page pool, as a size (2GiB, 512MB) or a fraction of"
-                      " free memory (0.25). [default: room for --max-num-seqs full contexts, at most 0.2]"),
+                      " free memory (0.25): host memory for a cpu plan, GPU memory after the weights for a cuda plan."
+                      " [default: room for --max-num-seqs full contexts, at most 0.2]"),
     click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(1),
                  help="--serve: most sequences decoded together in one step."),
     click.option("--max-batch-tokens", default=None, type=click.IntRange(1),

@@ -19,6 +19,7 @@ from .. import backends
 from ..errors import PlanError, ReftError, RequestError
 from .kv_cache import PagePool, Sequence
 from .lora import AdapterSlots
+from .memory import KvBudget
 from .plan import Plan
 
 
@@ -39,12 +40,15 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, plan: Plan, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 backend_options: backends.BackendOptions | None = None, prefix_caching: bool = True,
-                 threads: int | None = None, task: str = "generate"):
-        """backend_options: what the plan's backend loads it with (e.g. the cpu backend's threads);
-        `threads=` is shorthand for BackendOptions(threads=...); task: what the caller needs the plan
-        to compute (a plan compiled for another task is a PlanError)."""
+    def __init__(self, plan: Plan, *, kv_tokens: int | None = None, kv_budget: KvBudget | None = None,
+                 max_batch_tokens: int | None = None, backend_options: backends.BackendOptions | None = None,
+                 prefix_caching: bool = True, threads: int | None = None, task: str = "generate"):
+        """kv_tokens: KV-cache slots in the page pool (default: one full context); kv_budget: size the
+        pool instead from the memory free where the executable keeps it (host memory, or device
+        memory once the weights are on the GPU); backend_options: what the plan's backend loads it
+        with (e.g. the cpu backend's threads); `threads=` is shorthand for
+        BackendOptions(threads=...); task: what the caller needs the plan to compute (a plan compiled
+        for another task is a PlanError)."""
         if plan.task != task:
             raise PlanError(TASK_MISMATCH.get((plan.task, task), f"{plan.path} is a {plan.task} plan, not a {task} one")
                             .format(plan=plan.path))
@@ -54,7 +58,11 @@ class Engine:
         self.context_length = plan.context_length
         limit = int(plan.manifest.get("max_batch_tokens") or 512)
         self.max_batch_tokens = min(max_batch_tokens or limit, limit)
-        pages = -(-(kv_tokens or self.context_length) // plan.kv["page_size"])
+        if kv_budget is not None:
+            pages = kv_budget.pages(PagePool.page_bytes(plan.kv), plan.kv["page_size"], self.context_length,
+                                    self.exe.free_memory())
+        else:
+            pages = -(-(kv_tokens or self.context_length) // plan.kv["page_size"])
         self.pool = PagePool(plan.kv, pages, self.exe.zeros, prefix_caching)
         layout = plan.manifest.get("lora")   # --max-loras: adapter slots (runtime/lora.py)
         self.adapters = AdapterSlots(layout, self.exe.zeros) if layout else None

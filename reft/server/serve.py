@@ -8,69 +8,12 @@ socket that is bound here first, so a busy port is one clear error. An embed pla
 """
 from __future__ import annotations
 
-import re
 import socket
 import sys
 from pathlib import Path
 
 from ..errors import ReftError
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-DEFAULT_KV_FRACTION = 0.2
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes), else a conservative 2 GiB."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 2 * 2**30
-
-
-def _size(text: str) -> tuple[float, str] | None:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    return (float(m.group(1)), m.group(2).lower()) if m and m.group(2).lower() in _UNITS else None
-
-
-def parse_memory(text: str) -> int:
-    """'2GiB', '512MB', '1e9' (bytes) or a fraction of available memory such as '0.25'."""
-    size = _size(text)
-    if size is None:
-        raise ReftError(f"--kv-cache-memory {text!r}: give a size such as 2GiB or 512MB, or a fraction of free"
-                        " memory such as 0.25")
-    value, unit = size
-    if not unit and 0 < value <= 1:
-        return int(value * available_memory())
-    return int(value * _UNITS[unit])
-
-
-def parse_bytes(text: str, option: str) -> int:
-    """'4MiB', '500kB', '1048576' -> bytes (at least 1)."""
-    size = _size(text)
-    if size is None or int(size[0] * _UNITS[size[1]]) < 1:
-        raise ReftError(f"{option} {text!r}: give a size such as 4MiB, 500kB or 1048576")
-    return int(size[0] * _UNITS[size[1]])
-
-
-def kv_pages(layout: dict, memory: str | None, max_num_seqs: int, context: int) -> int:
-    """Pages in the pool: --kv-cache-memory, or by default enough for max_num_seqs full contexts
-    capped at a fifth of available memory."""
-    from ..runtime.kv_cache import PagePool
-
-    page = PagePool.page_bytes(layout)
-    if memory is not None:
-        pages = parse_memory(memory) // page
-    else:
-        want = max_num_seqs * -(-context // layout["page_size"])
-        pages = min(want, int(DEFAULT_KV_FRACTION * available_memory()) // page)
-    if pages < 2:
-        raise ReftError(f"--kv-cache-memory {memory}: holds {pages} KV page(s) of {page:,} bytes; give more")
-    return pages
-
+from ..runtime.memory import KvBudget, parse_bytes
 
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -135,11 +78,11 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
             template = chat_template.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ReftError(f"{chat_template}: cannot read chat template ({e})") from None
+    budget = KvBudget(kv_cache_memory, max_num_seqs)
     plan = Plan(plan_path)
     embed = plan.task == "embed"
     _check_task(plan, embedding, bool(draft_plan or spec_ngram), bool(loras))
-    pages = kv_pages(plan.kv, kv_cache_memory, max_num_seqs, plan.context_length)
-    engine = Engine(plan, kv_tokens=pages * plan.kv["page_size"], max_batch_tokens=max_batch_tokens,
+    engine = Engine(plan, kv_budget=budget, max_batch_tokens=max_batch_tokens,
                     backend_options=backend_options, prefix_caching=prefix_caching,
                     task="embed" if embed else "generate")
     if template is not None:
@@ -176,7 +119,7 @@ def serve(plan_path: Path, *, host: str, port: int, api_key: str | None, kv_cach
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"reft: serving {name} at http://{shown}:{sock.getsockname()[1]}/ (OpenAI API under /v1;"
-          f" {pages} KV pages of {plan.kv['page_size']} tokens; context {serving.max_model_len};"
+          f" {engine.pool.num_pages} KV pages of {plan.kv['page_size']} tokens; context {serving.max_model_len};"
           f" up to {max_num_seqs} sequences per step, {serving.scheduler.max_batch_tokens} tokens per step)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)

@@ -815,6 +815,13 @@ class CudaExecutable:
             self.drv.synchronize()
         return out
 
+    def free_memory(self) -> int:
+        """Bytes of device memory free now (after the weights, arena and any buffers so far)."""
+        with self._lock:
+            self._check_open()
+            self.drv.make_current()
+            return int(self.drv.mem_info()[0])
+
     @property
     def memory_used(self) -> int:
         """Bytes of device memory this executable holds."""

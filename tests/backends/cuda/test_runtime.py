@@ -586,6 +586,19 @@ def test_load_uploads_weights_aligned_and_constants(tmp_path):
         exe.read_weights(["nope"])
 
 
+def test_free_memory_is_the_devices_after_the_weights(tmp_path):
+    """The KV pool's budget (--kv-cache-memory 0.5, runtime/memory.py) is a fraction of what the
+    device has free once the weights and arena are allocated, not of host memory."""
+    from reft.runtime.memory import KvBudget
+
+    exe, fake, _, _ = fake_exe(tmp_path)
+    held = sum(size for _, size in fake.blocks.values())
+    assert held > V * H * 4 and exe.free_memory() == fake.limit - held
+    pages = exe.zeros((1000, 8), "float32")   # noqa: F841 - held: a dropped buffer is freed
+    assert exe.free_memory() == fake.limit - held - 32000
+    assert KvBudget("0.5").pages(1 << 20, 16, 4096, exe.free_memory()) == (fake.limit - held - 32000) // 2 >> 20
+
+
 def test_decode_steps_run_eagerly_then_capture_then_replay(tmp_path):
     exe, fake, expect, _ = fake_exe(tmp_path)
     kv = exe.zeros((6, H), "float32")
