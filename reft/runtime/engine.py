@@ -102,6 +102,37 @@ class Engine:
     def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
         """Run one forward call; returns each chunk's rows ([0|1|n, V] float32 logits; [.., D] hidden
         states on an embed plan)."""
+        feeds, counts = self._feeds(chunks)
+        logits = self.exe.run(feeds)[self.output]
+        self._advance(chunks)
+        return list(np.split(np.asarray(logits, np.float32), np.cumsum(counts)[:-1]))
+
+    @property
+    def samples_on_device(self) -> bool:
+        """Whether step_sampled works: the backend draws tokens where the logits are (cuda)."""
+        return self.output == "logits" and bool(getattr(self.exe, "samples_on_device", False))
+
+    def step_sampled(self, chunks: list[Chunk], draws: list) -> list[int | None]:
+        """Run one forward call and draw each chunk's next token on the device, so only token ids
+        come back: draws[i] is chunk i's DeviceDraw (runtime/sampler.py; the chunk's logits must be
+        "last") or None (its logits must be "none"). Returns each chunk's token, or None."""
+        if len(draws) != len(chunks) or any((d is None) != (c.logits == "none") or (d is not None and c.logits != "last")
+                                            for c, d in zip(chunks, draws)):
+            raise ValueError("step_sampled: a draw for each chunk whose logits are 'last', None where 'none'")
+        feeds, _ = self._feeds(chunks)
+        ds = [d for d in draws if d is not None]
+        ids = self.exe.run_sampled(feeds, [d.temperature for d in ds], [d.top_k for d in ds], [d.top_p for d in ds],
+                                   [d.u for d in ds])
+        self._advance(chunks)
+        it = iter(ids.tolist())
+        return [None if d is None else next(it) for d in draws]
+
+    def _advance(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            c.seq.cached += c.n
+
+    def _feeds(self, chunks: list[Chunk]) -> tuple[dict, list[int]]:
+        """The forward entry's inputs for a step of these chunks, and how many rows each asks for."""
         ids, pos, sid, rows, counts, slots = [], [], [], [], [], []
         for s, c in enumerate(chunks):
             seq, start = c.seq, c.seq.cached
@@ -130,10 +161,7 @@ class Engine:
             feeds.update(self.adapters.feeds(slots))
         if self.supports_reproducible:   # a reproducible sequence makes the whole step run that way
             self.exe.set_deterministic(any(c.seq.reproducible for c in chunks))
-        logits = self.exe.run(feeds)[self.output]
-        for c in chunks:
-            c.seq.cached += c.n
-        return list(np.split(np.asarray(logits, np.float32), np.cumsum(counts)[:-1]))
+        return feeds, counts
 
     def prefill(self, seq: Sequence, logits: str = "last") -> np.ndarray:
         """Process every uncached token of `seq` in pieces of at most max_batch_tokens."""

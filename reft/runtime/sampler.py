@@ -62,6 +62,16 @@ class SamplingParams:
                     or self.logit_bias)
 
 
+@dataclass(frozen=True)
+class DeviceDraw:
+    """One token to draw where the logits are (the cuda backend's sample kernel): the row's
+    temperature, top_k, top_p and the uniform number the host draw would have used."""
+    temperature: float
+    top_k: int
+    top_p: float
+    u: float
+
+
 class Sampler:
     """Draws tokens for one sequence; `prompt_ids` matter only to the repetition penalty."""
 
@@ -119,6 +129,21 @@ class Sampler:
         keep[int(np.argmax(probs))] = True
         idx, probs = idx[keep], probs[keep]
         return idx, probs / probs.sum()
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the device can draw this sequence's tokens: nothing changes the logits first
+        (penalties, logit_bias) and no min_p; a grammar or logprobs are the caller's to check."""
+        return not self.params.penalized and self.params.min_p == 0
+
+    def device_draw(self) -> DeviceDraw:
+        """The next token's draw for the device (needs `on_device`). It takes from the seeded
+        generator exactly what __call__ would (one number at temperature > 0, none at 0), so a
+        seed gives the same stream of draws on either path."""
+        p = self.params
+        u = float(min(np.float32(self.rng.random()), np.float32(1) - np.finfo(np.float32).epsneg)) \
+            if p.temperature > 0 else 0.0
+        return DeviceDraw(float(p.temperature), int(p.top_k), float(p.top_p), u)
 
     def __call__(self, logits: np.ndarray, output_ids=(), allowed: np.ndarray | None = None) -> int:
         """The next token; `allowed` (bool per vocabulary id) restricts it to a grammar's tokens,

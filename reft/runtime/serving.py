@@ -31,6 +31,11 @@ Notable:
   rolled back to what was accepted before the prefix cache sees any page.
 - LoRA adapters per request (`Request.adapter`, reft/runtime/lora.py): the sequence carries its
   adapter's slot into every step, so requests for different adapters and the base model batch.
+- Sampling on the device (`Engine.samples_on_device`: cuda plans): when every token a step yields
+  can be drawn by the device's sample kernel (no grammar, logprobs, penalties, logit_bias or
+  min_p, no drafts, no prompt scoring), the samplers hand over their numbers (`device_draw`, the
+  same numbers they would draw themselves) and only token ids come back, not R x vocab logits;
+  otherwise the step brings the logits to the host as above.
 """
 from __future__ import annotations
 
@@ -188,7 +193,8 @@ class ServingEngine(BatchingEngine):
         drafts: dict = {}
         try:
             drafts = self._draft(plan)
-            rows = self.engine.step(plan.chunks)
+            draws = self._device_draws(plan.chunks, starts) if not drafts else None
+            rows = self.engine.step(plan.chunks) if draws is None else self.engine.step_sampled(plan.chunks, draws)
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
             for seq, d in drafts.items():
                 del seq.tokens[len(seq.tokens) - len(d):]
@@ -208,13 +214,34 @@ class ServingEngine(BatchingEngine):
                 self._score_prompt(st, start, r)
             if c.logits != "none" and start + c.n == len(c.seq.tokens):
                 if st.req.max_tokens:
-                    ready.append((st, r[-1]))
+                    ready.append((st, r if draws is not None else r[-1]))
                 else:
                     outs.append(self._finish(st, "length"))
+        if draws is not None:   # drawn on the device: token ids
+            return outs + [self._advance(st, None, now, token=tok) for st, tok in ready]
         masks = self._masks([st for st, _ in ready])
         for st, logits in ready:
             outs.append(self._advance(st, logits, now, masks.get(st)))
         return outs
+
+    def _device_draws(self, chunks, starts) -> list | None:
+        """Each chunk's DeviceDraw (None for a chunk that yields no token) when the engine draws tokens
+        on the device and every token of this step can be drawn there: no grammar, logprobs,
+        penalties or min_p, no prompt logprobs, no request that wants none; else None (the logits
+        come to the host). Only then does it take the draws' numbers from the samplers."""
+        if not self.engine.samples_on_device:
+            return None
+        takers = []
+        for c, start in zip(chunks, starts):
+            st = self._by_seq[c.seq]
+            if c.logits == "none":
+                takers.append(None)
+                continue
+            if (c.logits != "last" or start + c.n != len(c.seq.tokens) or not st.req.max_tokens
+                    or st.matcher is not None or st.req.logprobs is not None or not st.sampler.on_device):
+                return None
+            takers.append(st)
+        return [None if st is None else st.sampler.device_draw() for st in takers]
 
     def _draft(self, plan) -> dict:
         """Append draft tokens to the chunks of decoding sequences (speculative decoding); returns
@@ -297,16 +324,16 @@ class ServingEngine(BatchingEngine):
         if st.prompt_scored:
             st.seq.all_logits = False   # the rest (decode, a recompute after preemption) is ordinary
 
-    def _advance(self, st: _State, logits: np.ndarray, now: float, allowed: np.ndarray | None = None,
-                 out: RequestOutput | None = None) -> RequestOutput:
+    def _advance(self, st: _State, logits: np.ndarray | None, now: float, allowed: np.ndarray | None = None,
+                 out: RequestOutput | None = None, token: int | None = None) -> RequestOutput:
         """Sample the next token of a sequence whose last token was just computed (among the
-        `allowed` ones when it follows a grammar); `out` is this step's output so far, when the
-        step verifies drafts and yields several tokens."""
+        `allowed` ones when it follows a grammar), or take `token`, drawn on the device; `out` is
+        this step's output so far, when the step verifies drafts and yields several tokens."""
         req = st.req
         if allowed is not None and not allowed.any():
             why = st.matcher.get_error() or "dead end"
             return self._finish(st, "error", f"the grammar allows no token here ({why})")
-        tok = st.sampler(logits, st.output, allowed)
+        tok = token if token is not None else st.sampler(logits, st.output, allowed)
         st.output.append(tok)
         self.generation_tokens_total += 1
         if self.observer is not None:

@@ -76,6 +76,11 @@ class CudaBackend:
             for s in low.steps:
                 seen = users.setdefault(s.kernel.name, [])
                 seen += [n for n in s.kernel.nodes if n not in seen]
+        sampling = _sampling_kernels(lows, arch)
+        if sampling:
+            for role in ("argmax", "sample"):
+                k = sampling.pop(role)
+                kernels[k.name], users[k.name], sampling[role] = k, list(k.nodes), k.name
         bar = _bar(len(kernels), options.progress)
         compiled = compile_kernels(list(kernels.values()), arch, progress=lambda _: bar.update(1) if bar else None)
         if bar:
@@ -99,13 +104,17 @@ class CudaBackend:
                 "tile": k.tile, "resources": r.to_json(), "nodes": users[name], "compile_seconds": round(c.seconds, 2)}
         for e, low in lows.items():
             check_geometry(a, low, records, options.max_batch_tokens)
+        for role in ("argmax", "sample") if sampling else ():   # one block per row, R <= max_batch_tokens
+            k, res = kernels[sampling[role]], records[sampling[role]]["resources"]
+            archs.check_launch(a, k.name, k.block, (options.max_batch_tokens, 1, 1), k.smem, res["registers"],
+                               res["smem"])
         entries = {e: {"inputs": low.inputs, "params": low.params, "symbols": low.symbols,
                        "arena_bytes": low.arena_bytes, "constants": low.constants,
                        "steps": [s.record() for s in low.steps], "outputs": low.outputs}
                    for e, low in lows.items()}
         major, minor = nvrtc_version()
         return {"name": self.name, "target": arch, "arch": arch, "dtype": dtype, "nvrtc": f"{major}.{minor}",
-                "kernels": records, "entries": entries}
+                "kernels": records, "entries": entries, **({"sampling": sampling} if sampling else {})}
 
     def weight_layout(self, record: dict) -> dict[str, WeightLayout]:
         return {}
@@ -114,6 +123,20 @@ class CudaBackend:
         from .runtime import CudaExecutable
 
         return CudaExecutable.from_plan(plan, options)
+
+
+def _sampling_kernels(lows: dict, arch: str) -> dict:
+    """Device sampling for a generate plan (its forward entry's float32 logits [R, vocab]): the
+    argmax and sample kernels, so that a decode step returns token ids instead of R x vocab logits
+    (CudaExecutable.run_sampled). {} for other plans."""
+    from .elementwise import argmax_kernel, sample_kernel
+
+    out = lows["forward"].outputs.get("logits") if "forward" in lows else None
+    if not out or out["dtype"] != "float32" or len(out["shape"]) != 2 or not isinstance(out["shape"][1], int):
+        return {}
+    vocab, nodes = out["shape"][1], ("sampling of the forward entry's logits",)
+    return {"entry": "forward", "output": "logits", "rows": out["shape"][0], "vocab": vocab,
+            "argmax": argmax_kernel(arch, vocab=vocab, nodes=nodes), "sample": sample_kernel(arch, vocab=vocab, nodes=nodes)}
 
 
 def check_geometry(a, low, records: dict, max_tokens: int) -> None:

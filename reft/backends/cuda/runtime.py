@@ -565,6 +565,7 @@ class CudaExecutable:
         self._tmaps: dict = {}
         self._checked: set = set()
         self.workspace, self.workspace_bytes = 0, 0
+        self.sampling, self._sample_buf = None, 0
         self.launch_lists = Lru(LAUNCH_CACHE)
         self.graphs = GraphCache(GRAPH_CACHE, self._destroy_graph)
         self.sync = settings.cuda_sync()
@@ -589,6 +590,10 @@ class CudaExecutable:
                                 f" an {self.device} (compute capability {cc[0]}.{cc[1]}): {fix}")
         self.max_tokens = int(m.get("max_batch_tokens") or getattr(options, "max_batch_tokens", 512))
         self.kernels = self._load_kernels(rec["kernels"])
+        self.sampling = rec.get("sampling")   # backend.py _sampling_kernels: generate plans
+        if self.sampling and any(self.sampling[r] not in self.kernels for r in ("argmax", "sample")):
+            raise PlanError(f"{self.path}: the sampling kernels {self.sampling['argmax']}, {self.sampling['sample']}"
+                            " are not among the plan's kernels")
         self.entries = {e: Entry(e, r, m.get("entry_points", {}).get(e, {}), self.kernels)
                         for e, r in rec["entries"].items()}
         self.params, self.weight_info = upload_weights(self.drv, self.memory, self.path / m["weights"]["files"][0],
@@ -629,25 +634,86 @@ class CudaExecutable:
 
     # -- running --------------------------------------------------------------------------------
     def run(self, feeds, entry: str = "forward") -> dict:
+        ep = self._entry(entry)
+        with self._lock:
+            sizes, ptrs, host, device = self._forward(ep, feeds)
+            return self._outputs(ep, sizes, ptrs, host, device)
+
+    @property
+    def samples_on_device(self) -> bool:
+        """Whether run_sampled works: the plan has the sampling kernels (a generate plan)."""
+        return self.sampling is not None
+
+    def run_sampled(self, feeds, temperature, top_k, top_p, u) -> np.ndarray:
+        """Run the forward entry and draw one token per row of its logits on the device: int32 ids
+        [R] come back instead of R x vocab float32 logits. Per row: temperature (<= 0: argmax),
+        top_k (0: off), top_p (1: off) and the uniform number u that the row's Sampler drew
+        (runtime/sampler.py, Sampler.device_draw); the kernel's rule is in templates/sample.cu.j2.
+        Every temperature 0 takes the argmax kernel and reads none of the other three."""
+        s = self.sampling
+        if s is None:
+            raise PlanError(f"{self.path}: the plan has no sampling kernels (recompile it with this reftc)")
+        ep = self._entry(s["entry"])
+        cols = [np.ascontiguousarray(temperature, np.float32), np.ascontiguousarray(top_k, np.int32),
+                np.ascontiguousarray(top_p, np.float32), np.ascontiguousarray(u, np.float32)]
+        with self._lock:
+            sizes, ptrs, _, _ = self._forward(ep, feeds)
+            R = sizes[s["rows"]]
+            if any(c.shape != (R,) for c in cols):
+                raise ValueError(f"run_sampled: {R} logit rows, but sampling parameters of shapes"
+                                 f" {[c.shape for c in cols]}")
+            if R == 0:
+                return np.zeros(0, np.int32)
+            logits = pointer(ep.outputs[s["output"]]["bind"], self._bases(ep, ptrs))
+            buf = self._sampling_buffer()
+            greedy = not bool((cols[0] > 0).any())
+            k = self.kernels[s["argmax" if greedy else "sample"]]
+            values = {"logits": logits, "ids": buf, "R": R}
+            if not greedy:   # buf: ids [max_tokens], then temperature, top_k, top_p, u [R] each, in one copy
+                packed = np.concatenate([c.view(np.uint32) for c in cols])
+                self.drv.htod(buf + 4 * self.max_tokens, packed.ctypes.data, packed.nbytes)
+                for i, name in enumerate(("temperature", "top_k", "top_p", "u")):
+                    values[name] = buf + 4 * self.max_tokens + 4 * R * i
+            grid = tuple(compiled(e)({"R": R}) for e in k.grid)
+            if (k.name, grid) not in self._checked:
+                archs.check_launch(self.arch, k.name, k.block, grid, k.smem, k.registers, k.static_smem)
+                self._checked.add((k.name, grid))
+            params = Params([kind for _, kind in k.args], [values[n] for n, _ in k.args], k.name, [n for n, _ in k.args])
+            self._launch(Launch(k.name, k.func, grid, k.block, k.smem, params, 0))
+            ids = np.empty(R, np.int32)
+            self.drv.dtoh(ids.ctypes.data, buf, ids.nbytes)
+            self.drv.synchronize()
+            return ids
+
+    def _entry(self, entry: str) -> Entry:
         ep = self.entries.get(entry)
         if ep is None:
             raise PlanError(f"{self.path}: no entry point {entry!r}")
-        with self._lock:
-            self._check_open()
-            self.drv.make_current()
-            sizes, host, device = ep.bind(feeds, self.max_tokens)
-            ptrs = {n: b.ptr for n, b in device.items()}
-            for n, a in host.items():
-                ptrs[n] = p = self._stage(ep, n, a.nbytes, sizes)
-                self.drv.htod(p, a.ctypes.data, a.nbytes)
-            key = (entry, tuple(map(sizes.__getitem__, ep.symbols)), tuple(map(ptrs.__getitem__, ep.names)))
-            launches = self._launches(ep, key, sizes, ptrs)
-            if self.graph_tokens and 0 < sizes.get("T", 0) <= self.graph_tokens:
-                self._replay(key, launches)
-            else:
-                for L in launches:
-                    self._launch(L)
-            return self._outputs(ep, sizes, ptrs, host, device)
+        return ep
+
+    def _forward(self, ep: Entry, feeds) -> tuple:
+        """Stage the host feeds and launch (or replay) the entry's steps; its outputs stay on the device."""
+        self._check_open()
+        self.drv.make_current()
+        sizes, host, device = ep.bind(feeds, self.max_tokens)
+        ptrs = {n: b.ptr for n, b in device.items()}
+        for n, a in host.items():
+            ptrs[n] = p = self._stage(ep, n, a.nbytes, sizes)
+            self.drv.htod(p, a.ctypes.data, a.nbytes)
+        key = (ep.name, tuple(map(sizes.__getitem__, ep.symbols)), tuple(map(ptrs.__getitem__, ep.names)))
+        launches = self._launches(ep, key, sizes, ptrs)
+        if self.graph_tokens and 0 < sizes.get("T", 0) <= self.graph_tokens:
+            self._replay(key, launches)
+        else:
+            for L in launches:
+                self._launch(L)
+        return sizes, ptrs, host, device
+
+    def _sampling_buffer(self) -> int:
+        """Device memory for run_sampled: room for max_tokens ids and 4 x max_tokens parameters."""
+        if not self._sample_buf:
+            self._sample_buf = self.memory.alloc(5 * 4 * self.max_tokens, "the sampling parameters and token ids")
+        return self._sample_buf
 
     def _bases(self, ep: Entry, ptrs: dict) -> Bases:
         return Bases(self.arena, self.workspace, ptrs, self.params, ep.consts)

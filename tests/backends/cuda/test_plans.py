@@ -76,7 +76,11 @@ def test_every_kernel_compiles_within_the_arch_limits(plans, case, arch, dtype):
                                                                          k["smem"] + r["smem"]) >= 1, name
         assert (plan / k["cubin"]).stat().st_size > 0 and (plan / k["source"]).read_text().startswith("//")
     kinds = {n.split("_")[0] for n in be["kernels"]}
-    assert {"gemm", "gemv", "rms", "embedding", "qkv", "kv", "attn"} <= kinds, kinds
+    assert {"gemm", "gemv", "rms", "embedding", "qkv", "kv", "attn", "argmax", "sample"} <= kinds, kinds
+    # device sampling over the logits rows (CudaExecutable.run_sampled)
+    vocab = manifest(plan)["vocab_size"]
+    assert be["sampling"] == {"entry": "forward", "output": "logits", "rows": "R", "vocab": vocab,
+                              "argmax": f"argmax_v{vocab}", "sample": f"sample_v{vocab}"}
 
 
 @pytest.mark.parametrize("arch,opcode", [("sm_80", "HMMA"), ("sm_90a", "HGMMA")])

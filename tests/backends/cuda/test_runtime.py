@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("cuda.bindings")
 
 from reft.backends.cuda import driver as drvmod  # noqa: E402
+from reft.backends.cuda import elementwise as E  # noqa: E402
 from reft.backends.cuda import runtime as rt  # noqa: E402
 from reft.backends.cuda.driver import CudaError, DeviceMemoryError, NoDeviceError  # noqa: E402
 from reft.backends.cuda.kernel import ARG_KINDS, evaluate  # noqa: E402
@@ -28,6 +29,7 @@ from reft.errors import PlanError, ReftError, RequestError  # noqa: E402
 from reft.frontends.safetensors import write_safetensors  # noqa: E402
 
 H, V, MAX_T = 8, 16, 64
+SAMPLERS = (E.argmax_kernel("sm_90a", vocab=H), E.sample_kernel("sm_90a", vocab=H))
 A0, A1, A2, A3 = 0, 2048, 4096, 6144
 BIG = 1 << 30
 
@@ -45,6 +47,8 @@ def kernel_records(tma: bool, swizzle: int = 32) -> dict:
         "t_ws": dict(args=[["x", "ptr"], ["workspace", "ptr"], ["out", "ptr"], ["n", "i32"]], block=[256, 1, 1],
                      grid=["1", "1", "1"], smem=0, workspace="n*4"),
     }
+    for s in SAMPLERS:   # the real sampling kernels over rows of 8 (compiled for the GPU test)
+        k[s.name] = dict(args=[[a.name, a.kind] for a in s.args], block=list(s.block), grid=list(s.grid), smem=s.smem)
     if tma:
         k["t_tma"] = dict(args=[["tm", "tmap"], ["src", "ptr"], ["out", "ptr"], ["rows", "i32"]], block=[32, 1, 1],
                           grid=["cdiv(rows, 4)", "1", "1"], smem=0,
@@ -91,7 +95,9 @@ def write_plan(root: Path, cubins: dict[str, bytes], *, arch="sm_90a", tma=True,
                          "kv": {"bind": {"input": "kv", "offset": 0}, "dtype": "float32", "shape": ["NP", 8]}}}
     manifest = {"format": "reft-plan", "format_version": 1, "max_batch_tokens": MAX_T,
                 "backend": {"name": "cuda", "target": arch, "arch": arch, "dtype": "bfloat16", "nvrtc": "13.5",
-                            "kernels": kernels, "entries": {"forward": entry}},
+                            "kernels": kernels, "entries": {"forward": entry},
+                            "sampling": {"entry": "forward", "output": "y", "rows": "T", "vocab": 8,
+                                         "argmax": SAMPLERS[0].name, "sample": SAMPLERS[1].name}},
                 "entry_points": {"forward": {"graph": "graphs/forward.ir",
                                              "inputs": {"ids": {"dtype": "int32", "shape": ["T"]},
                                                         "kv": {"dtype": "float32", "shape": ["NP", 8]}},
@@ -136,7 +142,31 @@ def k_tma(a, fake):
     view(fake.at(a["out"], 4 * n), n, np.float32)[:] = view(fake.at(a["src"], 4 * n), n, np.float32) * 3
 
 
-MODELS = {"t_embed": k_embed, "t_scale_small": k_scale, "t_scale_large": k_scale, "t_ws": k_ws, "t_tma": k_tma}
+def k_argmax(a, fake):
+    R = a["R"]
+    x = view(fake.at(a["logits"], R * 32), R * 8, np.float32).reshape(R, 8)
+    view(fake.at(a["ids"], R * 4), R, np.int32)[:] = x.argmax(axis=1)
+
+
+def k_sample(a, fake):
+    """The host sampler's rule on each row, with the row's parameters read where the launcher put them
+    (so a wrong offset or order of the staged parameters changes the tokens)."""
+    from reft.runtime.sampler import Sampler, SamplingParams
+
+    R = a["R"]
+    x = view(fake.at(a["logits"], R * 32), R * 8, np.float32).reshape(R, 8)
+    col = {n: view(fake.at(a[n], R * 4), R, np.int32 if n == "top_k" else np.float32)
+           for n in ("temperature", "top_k", "top_p", "u")}
+    out = view(fake.at(a["ids"], R * 4), R, np.int32)
+    for r in range(R):
+        s = Sampler(SamplingParams(temperature=float(col["temperature"][r]), top_k=int(col["top_k"][r]),
+                                   top_p=float(col["top_p"][r]), min_p=0.0))
+        s.rng = types.SimpleNamespace(random=lambda r=r: float(col["u"][r]))
+        out[r] = s(x[r])
+
+
+MODELS = {"t_embed": k_embed, "t_scale_small": k_scale, "t_scale_large": k_scale, "t_ws": k_ws, "t_tma": k_tma,
+          SAMPLERS[0].name: k_argmax, SAMPLERS[1].name: k_sample}
 
 
 class FakeDriver:
@@ -581,7 +611,7 @@ def test_load_uploads_weights_aligned_and_constants(tmp_path):
     bias = np.asarray(exe.entries["forward"].constants["bias"]["data"], np.float32)
     np.testing.assert_array_equal(view(exe.entries["forward"].consts["bias"], H, np.float32), bias)
     assert ops(fake, "smem") == [("smem", "t_scale_large", 64 * 1024)]
-    assert len(ops(fake, "module")) == 5
+    assert len(ops(fake, "module")) == 7
     with pytest.raises(PlanError, match="no weight 'nope'"):
         exe.read_weights(["nope"])
 
@@ -597,6 +627,61 @@ def test_free_memory_is_the_devices_after_the_weights(tmp_path):
     pages = exe.zeros((1000, 8), "float32")   # noqa: F841 - held: a dropped buffer is freed
     assert exe.free_memory() == fake.limit - held - 32000
     assert KvBudget("0.5").pages(1 << 20, 16, 4096, exe.free_memory()) == (fake.limit - held - 32000) // 2 >> 20
+
+
+def host_draws(rows: np.ndarray, temperature, top_k, top_p, u) -> list[int]:
+    """What runtime/sampler.py's Sampler draws for each row with the given uniform number."""
+    from reft.runtime.sampler import Sampler, SamplingParams
+
+    out = []
+    for r, row in enumerate(rows):
+        s = Sampler(SamplingParams(temperature=float(temperature[r]), top_k=int(top_k[r]), top_p=float(top_p[r]),
+                                   min_p=0.0))
+        s.rng = types.SimpleNamespace(random=lambda r=r: float(np.float32(u[r])))
+        out.append(s(row))
+    return out
+
+
+def test_run_sampled_draws_on_the_device_and_copies_back_only_the_ids(tmp_path):
+    exe, fake, expect, _ = fake_exe(tmp_path)
+    assert exe.samples_on_device
+    kv = exe.zeros((80, H), "float32")
+    ids = np.array([3, 1, 4, 1, 5, 9, 2], np.int32)
+    rows = expect(ids)
+    R = len(ids)
+    fake.log.clear()
+    got = exe.run_sampled({"ids": ids, "kv": kv}, np.zeros(R), np.zeros(R), np.ones(R), np.zeros(R))
+    np.testing.assert_array_equal(got, rows.argmax(axis=1))
+    launched = [e[1] for e in ops(fake, "launch") + ops(fake, "graph")]
+    assert SAMPLERS[0].name in launched and SAMPLERS[1].name not in launched   # all greedy: argmax alone
+    # parameters per row, a greedy row among them; each is read where the launcher staged it
+    t = np.array([0.7, 0, 1.3, 0.5, 2.0, 1.0, 0.9], np.float32)
+    k = np.array([0, 0, 3, 2, 0, 5, 1], np.int32)
+    p = np.array([1, 1, 0.9, 1, 0.6, 0.8, 1], np.float32)
+    for seed in range(5):
+        u = np.random.default_rng(seed).random(R).astype(np.float32)
+        fake.log.clear()
+        got = exe.run_sampled({"ids": ids, "kv": kv}, t, k, p, u)
+        assert got.dtype == np.int32 and got.tolist() == host_draws(rows, t, k, p, u)
+        assert SAMPLERS[1].name in [e[1] for e in ops(fake, "launch")]
+        # nothing of R x vocab size comes back: ids alone
+        assert not [e for e in fake.log if e[0] == "dtoh"]
+    with pytest.raises(ValueError, match="7 logit rows"):
+        exe.run_sampled({"ids": ids, "kv": kv}, t[:3], k[:3], p[:3], u[:3])
+
+
+def test_a_plan_without_sampling_kernels_cannot_sample(tmp_path):
+    plan, _, _ = write_plan(tmp_path / "plan", {})
+    del plan.manifest["backend"]["sampling"]
+    kinds = {n: [tuple(a) for a in r["args"]] for n, r in plan.manifest["backend"]["kernels"].items()}
+    exe = rt.CudaExecutable(FakeDriver(kinds), plan)
+    assert not exe.samples_on_device
+    with pytest.raises(PlanError, match="no sampling kernels"):
+        exe.run_sampled({"ids": np.array([1], np.int32)}, [0], [0], [1], [0])
+    plan.manifest["backend"]["sampling"] = {"entry": "forward", "output": "y", "rows": "T", "vocab": 8,
+                                            "argmax": "nope", "sample": SAMPLERS[1].name}
+    with pytest.raises(PlanError, match="sampling kernels nope"):
+        rt.CudaExecutable(FakeDriver(kinds), plan)
 
 
 def test_decode_steps_run_eagerly_then_capture_then_replay(tmp_path):
@@ -755,7 +840,7 @@ def test_close_frees_everything_once(tmp_path):
     for _ in range(2):
         exe.run({"ids": np.array([1], np.int32), "kv": kv})
     exe.close()
-    assert not fake.blocks and fake.closed and ops(fake, "destroy") and len(ops(fake, "unload")) == 5
+    assert not fake.blocks and fake.closed and ops(fake, "destroy") and len(ops(fake, "unload")) == 7
     exe.close()
     with pytest.raises(PlanError, match="is closed"):
         exe.run({"ids": np.array([1], np.int32), "kv": kv})
@@ -849,6 +934,8 @@ def compile_cubins(arch: str) -> dict[str, bytes]:
         out[name] = toolchain.nvrtc_compile(SOURCES, name, arch, toolchain.flags_for(arch))[0]
     if arch == "sm_90a":
         out["t_tma"] = toolchain.nvrtc_compile(TMA_SOURCE, "t_tma", arch, toolchain.flags_for(arch))[0]
+    for name, c in toolchain.compile_kernels(list(SAMPLERS), arch).items():
+        out[name] = c.cubin
     return out
 
 
@@ -881,6 +968,31 @@ def test_gpu_runs_the_plan(gpu_plan, monkeypatch, graphs):
         assert out["kv"] is host_kv and (host_kv[:2] == 1).all() and (host_kv[2:] == 0).all()
         if graphs != "0":
             assert len(exe.graphs) >= 1
+    finally:
+        exe.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_samples_like_the_host_sampler(gpu_plan):
+    """The plan's real argmax and sample kernels (rows of 8 logits) against runtime/sampler.py, given
+    the same uniform numbers."""
+    plan, expect, _ = gpu_plan
+    exe = rt.CudaExecutable.from_plan(plan)
+    try:
+        kv = exe.zeros((80, H), "float32")
+        ids = np.arange(V, dtype=np.int32)
+        rows = expect(ids)
+        R = len(ids)
+        got = exe.run_sampled({"ids": ids, "kv": kv}, np.zeros(R), np.zeros(R), np.ones(R), np.zeros(R))
+        np.testing.assert_array_equal(got, rows.argmax(axis=1))
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            t = rng.choice([0.0, 0.5, 1.0, 1.7], R).astype(np.float32)
+            k = rng.choice([0, 1, 3, 8], R).astype(np.int32)
+            p = rng.choice([1.0, 0.9, 0.5], R).astype(np.float32)
+            u = rng.random(R).astype(np.float32)
+            assert exe.run_sampled({"ids": ids, "kv": kv}, t, k, p, u).tolist() == host_draws(rows, t, k, p, u)
     finally:
         exe.close()
 
