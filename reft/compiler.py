@@ -33,7 +33,7 @@ from .ir.types import FLOAT_DTYPES, TensorType
 from .passes.context import PassContext, WeightStore
 from .passes.manager import PassManager
 from .passes.pipeline import PIPELINE, TASKS
-from .plan import atomic_dir, build_manifest, signature, write_manifest  # noqa: F401
+from .plan import atomic_dir, build_manifest, read_manifest, signature, write_manifest  # noqa: F401
 from .progress import progress_bar
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,6 +132,9 @@ class CompileOptions:
     max_loras: int = 0                  # --max-loras: LoRA adapter slots served per request (0: none)
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None   # None: every projection (passes/add_lora_slots.py)
+    # more devices the plan runs on: (backend, its target) pairs, each compiled with these same
+    # options into devices/<backend>/ (a whole plan of its own), run by `reft run PLAN --device NAME`
+    devices: tuple[tuple[str, str | None], ...] = ()
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(target=self.target, max_batch_tokens=self.max_batch_tokens,
@@ -193,6 +196,7 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
     if opts.dump_dir is None and settings.dump_dir() is not None:
         opts = dataclasses.replace(opts, dump_dir=settings.dump_dir())
     backend = backends.get(opts.backend) if opts.backend else backends.default()
+    others = _device_options(opts, backend.name)
     opts = opts.resolve(backend)
     backend.check_options(opts.backend_options())
     opts.check()
@@ -231,7 +235,30 @@ def compile_model(model: str | Path, out: str | Path, options: CompileOptions | 
                    kv=kv_layout(graphs["forward"], opts.page_size))
         if opts.dump_dir:
             shutil.copytree(dumps, opts.dump_dir, dirs_exist_ok=True)
+        if others:   # inside the same atomic directory: the plan appears with all its devices or not at all
+            for name, sub in others.items():
+                compile_model(model, tmp / "devices" / name, sub)
+            m = read_manifest(tmp)
+            m["devices"] = {name: f"devices/{name}" for name in others}
+            write_manifest(tmp, m)
     return Path(out)
+
+
+def _device_options(opts: CompileOptions, main: str) -> dict[str, CompileOptions]:
+    """The compile options of each extra device (CompileOptions.devices), checked before any work:
+    known backends, each once and not the plan's own, options that backend accepts; dtypes left
+    unset take each backend's own default."""
+    out: dict[str, CompileOptions] = {}
+    for name, target in opts.devices:
+        if name not in backends.names():
+            raise ReftError(f"unknown backend {name!r}; choose among {', '.join(backends.names())}")
+        if name == main or name in out:
+            raise ReftError(f"backend {name} is named twice; give each device once")
+        sub = dataclasses.replace(opts, backend=name, target=target, devices=(), dump_dir=None)
+        be = backends.get(name)
+        be.check_options(sub.resolve(be).backend_options())
+        out[name] = sub
+    return out
 
 
 def run_pipelines(graphs: dict[str, Graph], pipelines: dict[str, list], ctx: PassContext, dumps: Path | None) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..backends.base import BackendOptions
+from ..backends.registry import names as backend_names
 from .common import friendly_errors, show_progress
 
 
@@ -124,6 +125,12 @@ SPEC_OPTIONS = [
 ]
 
 
+DEVICE_OPTION = click.option(
+    "--device", default=None, type=click.Choice(backend_names()),
+    help="Where to run a plan compiled for several devices (reftc compile --backend cpu,cuda): cpu or cuda."
+         " [default: the plan's first backend]")
+
+
 def spec_options(fn):
     for opt in reversed(SPEC_OPTIONS):
         fn = opt(fn)
@@ -237,13 +244,14 @@ def _embedding(pooling, no_normalize, matryoshka):
                    " stops when it is complete.")
 @click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="--prompt/--chat: constrain the output to JSON matching this JSON schema file.")
+@DEVICE_OPTION
 @sampling_options
 @spec_options
 @serve_options
 @embed_options
 @friendly_errors
-def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_p, top_k, min_p, seed, stop, special,
-        grammar_file, json_schema, threads, serve, host, port, api_key, metrics_public, allowed_hosts,
+def run(plan, prompt, chat, system, chat_template, device, max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+        special, grammar_file, json_schema, threads, serve, host, port, api_key, metrics_public, allowed_hosts,
         max_request_bytes, max_prompt_chars, kv_cache_memory, max_num_seqs, max_batch_tokens, max_queue, model_name,
         no_prefix_caching, reproducible, loras, draft_plan, spec_ngram, spec_tokens, pooling, no_normalize,
         matryoshka):
@@ -257,7 +265,9 @@ def run(plan, prompt, chat, system, chat_template, max_tokens, temperature, top_
     """
     from ..errors import ReftError
     from ..runtime.engine import Engine
+    from ..runtime.plan import device_plan
 
+    plan = device_plan(plan, device)
     if sum((prompt is not None, chat, serve)) != 1:
         raise ReftError("give exactly one of --prompt TEXT, --chat or --serve")
     if serve and (grammar_file or json_schema):
@@ -344,8 +354,9 @@ class _Capture:
               help="Window size in tokens. [default: the model's context length]")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None,
               help="CPU threads for the cpu backend. [default: physical cores]")
+@DEVICE_OPTION
 @friendly_errors
-def perplexity(plan, text_file, ctx, threads):
+def perplexity(plan, text_file, ctx, threads, device):
     """Perplexity of PLAN's model over a text file.
 
     The file is tokenized once (with BOS if the tokenizer adds one) and cut into consecutive
@@ -357,7 +368,9 @@ def perplexity(plan, text_file, ctx, threads):
     from ..progress import progress_bar
     from ..runtime.engine import Engine
     from ..runtime.perplexity import perplexity as run_ppl
+    from ..runtime.plan import device_plan
 
+    plan = device_plan(plan, device)
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -392,9 +405,10 @@ def perplexity(plan, text_file, ctx, threads):
               help="--draft/--spec-ngram: read the prompt text from this file.")
 @click.option("--chat", "as_chat", is_flag=True,
               help="--draft/--spec-ngram: send the prompt as a user message through the model's chat template.")
+@DEVICE_OPTION
 @friendly_errors
 def bench(plan, prompt, gen, repetitions, threads, fmt, bench_repro, draft_plan, spec_ngram, spec_tokens,
-          spec_prompt, prompt_file, as_chat):
+          spec_prompt, prompt_file, as_chat, device):
     """Measure prompt processing and generation speed of PLAN (tokens/s, mean ± stddev).
 
     With --draft PLAN or --spec-ngram it measures speculative decoding instead: greedy decoding
@@ -407,7 +421,9 @@ def bench(plan, prompt, gen, repetitions, threads, fmt, bench_repro, draft_plan,
     from ..runtime.bench import bench as run_bench
     from ..runtime.bench import format_table
     from ..runtime.engine import Engine
+    from ..runtime.plan import device_plan
 
+    plan = device_plan(plan, device)
     t0 = time.perf_counter()
     speculative = draft_plan is not None or spec_ngram
     options = BackendOptions(threads=threads)

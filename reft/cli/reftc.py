@@ -29,10 +29,12 @@ def main():
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Plan directory to write (replaced atomically if it already holds a plan).")
-@click.option("--backend", default=None, type=click.Choice(backend_names()),
+@click.option("--backend", default=None, metavar="|".join(backend_names()) + "[,...]",
               help="Code generator: 'cpu' emits fused C++ kernels compiled by the host compiler; 'cuda' emits CUDA"
                    " kernels compiled by NVRTC into cubins for --arch (no GPU needed to compile); 'reference' runs"
-                   " the IR with numpy (the oracle every other backend is tested against). [default: cpu]")
+                   " the IR with numpy (the oracle every other backend is tested against). Several, comma-separated"
+                   " (cpu,cuda), make one plan for each device: the first runs by default, the others with"
+                   " `reft run PLAN --device NAME`. [default: cpu]")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Storage dtype of weight matrices. cpu computes in float32 [default: float32]; cuda computes"
                    " in this dtype with float32 accumulation [default: bfloat16].")
@@ -89,13 +91,16 @@ def compile(model, out, backend, dtype, dump_dir, model_def, page_size, max_batc
     """
     from ..compiler import CompileOptions, compile_model
 
+    names = _backends(backend)
+    targets = _targets(names, target, arch)
     compile_model(model, out, CompileOptions(
-        backend=backend, dtype=dtype, dump_dir=dump_dir, model_def=model_def, page_size=page_size,
-        max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant, group_size=int(group_size),
-        quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate, target=_target(backend, target, arch),
-        task=task, deterministic=deterministic, max_loras=max_loras, max_lora_rank=max_lora_rank,
-        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None))
-    click.echo(f"wrote plan {out}")
+        backend=names[0] if names else None, dtype=dtype, dump_dir=dump_dir, model_def=model_def,
+        page_size=page_size, max_batch_tokens=max_batch_tokens, progress=show_progress(), quant=quant,
+        group_size=int(group_size), quant_head=quant_head, kv_dtype=kv_dtype, calibrate=calibrate,
+        target=targets[0], task=task, deterministic=deterministic, max_loras=max_loras, max_lora_rank=max_lora_rank,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None,
+        devices=tuple(zip(names[1:], targets[1:]))))
+    click.echo(f"wrote plan {out}" + (f" (devices {', '.join(names)})" if len(names) > 1 else ""))
 
 
 def _device_kernels(be: dict) -> None:
@@ -111,13 +116,33 @@ def _device_kernels(be: dict) -> None:
                    f" {r['spill_stores'] + r['spill_loads']:>6}")
 
 
-def _target(backend, target, arch):
-    """--target (cpu instruction set) and --arch (GPU architecture) both name the backend's target."""
+def _backends(text: str | None) -> list[str]:
+    """--backend cpu or cpu,cuda -> the names, each a known backend ([]: the default one)."""
     from ..errors import ReftError
 
-    if target and arch:
-        raise ReftError("--target is the cpu backend's instruction set and --arch the cuda backend's GPU; give one")
-    return arch or target   # the backend checks that the name is one of its own
+    if text is None:
+        return []
+    names = [n.strip() for n in text.split(",")]
+    for n in names:
+        if n not in backend_names():
+            raise ReftError(f"--backend {text!r}: unknown backend {n!r}; choose among {', '.join(backend_names())}")
+    return names
+
+
+def _targets(names: list[str], target, arch) -> list:
+    """Each backend's target: --target (cpu instruction set) and --arch (GPU architecture). With one
+    backend either names its target, and the backend checks it; with several, --target goes to
+    cpu and --arch to cuda."""
+    from ..errors import ReftError
+
+    if len(names) <= 1:
+        if target and arch:
+            raise ReftError("--target is the cpu backend's instruction set and --arch the cuda backend's GPU; give one")
+        return [arch or target]
+    for flag, value, owner in (("--target", target, "cpu"), ("--arch", arch, "cuda")):
+        if value and owner not in names:
+            raise ReftError(f"{flag} {value} is for the {owner} backend, which --backend {','.join(names)} does not name")
+    return [{"cpu": target, "cuda": arch}.get(n) for n in names]
 
 
 _TASKS = {"generate": "generate (forward returns logits)",
@@ -139,6 +164,7 @@ def _human(n: float) -> str:
 @friendly_errors
 def inspect(plan, as_json):
     """Show what the compiler did: model, entry points, passes, ops, weights."""
+    from ..errors import ReftError
     from ..plan import read_manifest
 
     m = read_manifest(plan)
@@ -164,6 +190,12 @@ def inspect(plan, as_json):
         how = f"{q['method']}" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
         click.echo(f"quantized   {how}: matrices {mats}; LM head {q['lm_head']}, embedding {q['embedding']}")
     click.echo(f"backend     {m['backend']['name']} ({m['backend']['target']})")
+    for name, sub in (m.get("devices") or {}).items():
+        try:
+            target = read_manifest(plan / sub)["backend"]["target"]
+        except ReftError as e:
+            target = f"unreadable: {e}"
+        click.echo(f"device      {name} ({target}): {sub}/, `reft run {plan} --device {name}`")
     if m["backend"].get("tuning"):
         click.echo("tuning      " + ", ".join(f"{k}={v}" for k, v in m["backend"]["tuning"].items()))
     click.echo(f"dtypes      weights {m['dtypes']['weights']}, compute {m['dtypes']['compute']}")

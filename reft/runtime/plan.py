@@ -9,6 +9,21 @@ from ..ir import Graph, ParseError, parse_graph
 from ..plan import read_manifest
 
 
+def device_plan(path: str | Path, device: str | None) -> Path:
+    """The plan directory that runs PLAN on `device` (a backend name: cpu, cuda, ...; None: the plan's
+    own backend). A plan compiled with `reftc compile --backend A,B` holds B's plan in devices/B."""
+    path = Path(path)
+    m = read_manifest(path)
+    own, more = m["backend"]["name"], m.get("devices") or {}
+    if device is None or device == own:
+        return path
+    if device not in more:
+        have = [own, *more]
+        raise PlanError(f"{path} was compiled for {' and '.join(have)}, not {device}; compile it with"
+                        f" `reftc compile MODEL -o {path} --backend {','.join([*have, device])}` to run it there")
+    return path / more[device]
+
+
 class Plan:
     def __init__(self, path: str | Path):
         self.path = Path(path)

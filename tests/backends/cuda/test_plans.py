@@ -200,3 +200,70 @@ def test_a_signature_mismatch_is_caught_without_a_gpu():
     for args in (k.args[:-1] + (Arg("n", "i64"),), k.args + (Arg("extra", "i32"),), k.args[1:]):
         with pytest.raises(toolchain.CompileError, match="the launcher packs"):
             toolchain.check_signature(dataclasses.replace(k, args=args), ptx)
+
+
+# -- one plan for two devices (reftc compile --backend cpu,cuda; reft ... --device) ------------------
+def _cli(tool, *args):
+    from reft.cli import reft, reftc
+
+    r = CliRunner().invoke({"reft": reft.main, "reftc": reftc.main}[tool], [str(a) for a in args])
+    return r.exit_code, [line for line in r.output.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def two_devices(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("devices") / "plan"
+    code, lines = _cli("reftc", "compile", models["llama-gqa-llama3"], "-o", out, "--backend", "cpu,cuda",
+                       "--arch", "sm_90a", "--target", "generic")
+    assert code == 0 and lines[-1] == f"wrote plan {out} (devices cpu, cuda)", lines
+    return out
+
+
+def test_a_plan_for_cpu_and_cuda_holds_a_whole_plan_for_each(two_devices):
+    m = manifest(two_devices)
+    assert m["backend"]["name"] == "cpu" and m["backend"]["target"] == "generic" and m["devices"] == {"cuda": "devices/cuda"}
+    sub = manifest(two_devices / "devices" / "cuda")
+    assert sub["backend"]["name"] == "cuda" and sub["backend"]["arch"] == "sm_90a" and "devices" not in sub
+    assert m["dtypes"]["weights"] == "float32" and sub["dtypes"]["weights"] == "bfloat16"   # each backend's default
+    code, lines = _cli("reftc", "inspect", two_devices)
+    assert code == 0 and f"device      cuda (sm_90a): devices/cuda/, `reft run {two_devices} --device cuda`" in lines
+
+
+def test_device_picks_the_plan_that_runs(two_devices, tmp_path):
+    from reft.backends.cuda.backend import local_arch
+
+    prompt = ["--prompt", "Once upon a time", "--max-tokens", "4", "--temperature", "0"]
+    code, default = _cli("reft", "run", two_devices, *prompt)
+    assert code == 0 and _cli("reft", "run", two_devices, "--device", "cpu", *prompt) == (0, default)
+    if local_arch() is None:   # the cuda plan is the one loaded: no driver here
+        for args in (["run", two_devices, "--device", "cuda", *prompt], ["bench", two_devices, "--device", "cuda"]):
+            code, lines = _cli("reft", *args)
+            assert code != 0 and len(lines) == 1 and "no NVIDIA driver" in lines[0], lines
+    code, lines = _cli("reft", "run", two_devices, "--device", "reference", *prompt)
+    assert code != 0 and lines == [f"error: {two_devices} was compiled for cpu and cuda, not reference; compile it"
+                                   f" with `reftc compile MODEL -o {two_devices} --backend cpu,cuda,reference` to"
+                                   " run it there"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "cpu,cpu"], "backend cpu is named twice"),
+    (["--backend", "cpu,gpu"], "unknown backend 'gpu'"),
+    (["--backend", "cpu,reference", "--arch", "sm_80"], "--arch sm_80 is for the cuda backend"),
+    (["--backend", "cuda,cpu", "--arch", "sm_75"], "Invalid value for '--arch'"),
+])
+def test_bad_device_lists_are_one_line(models, tmp_path, args, needle):
+    code, lines = _cli("reftc", "compile", models["qwen2-bias"], "-o", tmp_path / "p", *args)
+    assert code != 0 and len(lines) <= 3 and needle in "\n".join(lines), lines
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_device_that_fails_to_compile_leaves_the_old_plan(tmp_path):
+    """stories260K's MLP width (172) is no multiple of 8, which the cuda GEMV needs: the cpu half
+    compiles, the cuda half fails, and the plan already at -o stays as it was."""
+    out = tmp_path / "plan"
+    assert _cli("reftc", "compile", "stories260K", "-o", out)[0] == 0
+    before = (out / "manifest.json").read_bytes()
+    code, lines = _cli("reftc", "compile", "stories260K", "-o", out, "--backend", "cpu,cuda")
+    assert code != 0 and lines == ["error: gemv: bfloat16 weights need K to be a positive multiple of 8, got 172"]
+    assert (out / "manifest.json").read_bytes() == before and not (out / "devices").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]
