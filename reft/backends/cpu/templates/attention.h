@@ -7,7 +7,9 @@
 // in after the keys by sink_scale.
 // Threads take the work items of an attention kernel in turn (item w goes to thread w % nth), not
 // as contiguous ranges: under a causal mask a late row sees more keys than an early one, and
-// halving a 512-token prompt gave the second of two threads 3/4 of the attention work.
+// halving a 512-token prompt gave the second of two threads 3/4 of the attention work. The kernels
+// that list a row's partner rows first (training, below) deal whole rows in turn, so each row's
+// list is made once.
 
 template <typename CT, typename IT, typename PT, int64_t PS, int64_t HKV, int64_t D>
 static void k_kv_cache_write(int ith, int nth, CT* kc, CT* vc, const float* k, const float* v, const IT* pos,
@@ -170,18 +172,16 @@ static void k_causal_attention(int ith, int nth, const XT* q, const XT* k, const
     std::vector<float> sbuf(vpad(T));
     float* s = sbuf.data();
     float qv[D], acc[D];
-    int64_t listed = -1, n = 0;
-    for (int64_t w = ith; w < T * H; w += nth) {   // in turn (top of file)
-        const int64_t t = w / H, h = w % H, kvh = h / G;
-        if (t != listed) {
-            n = partner_rows<true>(pos, sid, T, t, window, idx.data());
-            listed = t;
+    for (int64_t t = ith; t < T; t += nth) {   // rows in turn (top of file)
+        const int64_t n = partner_rows<true>(pos, sid, T, t, window, idx.data());
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t kvh = h / G;
+            for (int64_t i = 0; i < D; i++) { qv[i] = ld(q[(t * H + h) * D + i]); acc[i] = 0.f; }
+            score_row<XT, HKV, D, SOFTCAP>(qv, k, kvh, idx.data(), n, scale, softcap, s);
+            const float m = pad_max(s, n), l = exp_row(s, n, m);
+            for (int64_t j = 0; j < n; j++) axpy<XT>(acc, s[j], v + ((int64_t)idx[j] * HKV + kvh) * D, D);
+            const float inv = sink_scale(m, l, sinks, h);
+            for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] * inv);
         }
-        for (int64_t i = 0; i < D; i++) { qv[i] = ld(q[(t * H + h) * D + i]); acc[i] = 0.f; }
-        score_row<XT, HKV, D, SOFTCAP>(qv, k, kvh, idx.data(), n, scale, softcap, s);
-        const float m = pad_max(s, n), l = exp_row(s, n, m);
-        for (int64_t j = 0; j < n; j++) axpy<XT>(acc, s[j], v + ((int64_t)idx[j] * HKV + kvh) * D, D);
-        const float inv = sink_scale(m, l, sinks, h);
-        for (int64_t i = 0; i < D; i++) out[(t * H + h) * D + i] = st<XT>(acc[i] * inv);
     }
 }
