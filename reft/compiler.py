@@ -250,12 +250,10 @@ def _device_options(opts: CompileOptions, main: str) -> dict[str, CompileOptions
     unset take each backend's own default."""
     out: dict[str, CompileOptions] = {}
     for name, target in opts.devices:
-        if name not in backends.names():
-            raise ReftError(f"unknown backend {name!r}; choose among {', '.join(backends.names())}")
+        be = backends.get(name)   # an unknown name is the registry's one-line error
         if name == main or name in out:
             raise ReftError(f"backend {name} is named twice; give each device once")
         sub = dataclasses.replace(opts, backend=name, target=target, devices=(), dump_dir=None)
-        be = backends.get(name)
         be.check_options(sub.resolve(be).backend_options())
         out[name] = sub
     return out

@@ -116,8 +116,7 @@ class Engine:
         """Run one forward call and draw each chunk's next token on the device, so only token ids
         come back: draws[i] is chunk i's DeviceDraw (runtime/sampler.py; the chunk's logits must be
         "last") or None (its logits must be "none"). Returns each chunk's token, or None."""
-        if len(draws) != len(chunks) or any((d is None) != (c.logits == "none") or (d is not None and c.logits != "last")
-                                            for c, d in zip(chunks, draws)):
+        if len(draws) != len(chunks) or any(c.logits != ("none" if d is None else "last") for c, d in zip(chunks, draws)):
             raise ValueError("step_sampled: a draw for each chunk whose logits are 'last', None where 'none'")
         feeds, _ = self._feeds(chunks)
         ds = [d for d in draws if d is not None]

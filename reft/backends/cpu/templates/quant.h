@@ -499,19 +499,19 @@ static void qpanels(const uint8_t* W, int64_t K, int64_t n, int32_t* pw, float* 
     for (int64_t row = 0; row < NP * PR; row++) {
         const int64_t pn = row / PR, r = row % PR;
         int32_t* dst = pw + pn * (K / 2) * PR + r;
-        float* sc = s0 + pn * NB * PR + r;
+        const int64_t at = pn * NB * PR + r;   // block j's scales and offset at at + j * PR
         if (row >= n) {
             for (int64_t i = 0; i < K / 2; i++) dst[i * PR] = 0;
-            for (int64_t j = 0; j < NB; j++) sc[j * PR] = s1[sc - s0 + j * PR] = m[sc - s0 + j * PR] = 0.f;
+            for (int64_t j = 0; j < NB; j++) s0[at + j * PR] = s1[at + j * PR] = m[at + j * PR] = 0.f;
             continue;
         }
         row_blocks<QT>(W + row * RBY, K, [&](int64_t j, const Blk32& b) {
             int32_t words[16];   // the block's 32 int16 codes as 16 pairs
             memcpy(words, b.q, sizeof(words));
             for (int p = 0; p < 16; p++) dst[(16 * j + p) * PR] = words[p];
-            sc[j * PR] = b.s0;
-            s1[sc - s0 + j * PR] = b.s1;
-            m[sc - s0 + j * PR] = b.m;
+            s0[at + j * PR] = b.s0;
+            s1[at + j * PR] = b.s1;
+            m[at + j * PR] = b.m;
         });
     }
 }
